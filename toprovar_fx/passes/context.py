@@ -1,0 +1,34 @@
+"""What passes share while one graph goes through the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the graph and a one-line summary for the log."""
+
+    gm: fx.GraphModule
+    changed: bool
+    summary: str = ""
+
+
+@dataclass
+class PassContext:
+    """Inputs of the pipeline and the annotations passes hand to each other."""
+
+    session: Any  # toprovar_fx.runtime.session.Session
+    example_inputs: list[Any]
+    graph_id: int
+    mode: str  # observe | prune
+    sites: list[Any] = field(default_factory=list)  # AttentionSite, from find_attention
+    rewritten: list[tuple[Any, fx.Node]] = field(default_factory=list)  # (site, entropy node)
+    site_ids: dict[fx.Node, int] = field(default_factory=dict)  # entropy node -> session site id
+    hoisted: list[int] = field(default_factory=list)  # site ids of hoisted entropy outputs, in order
+    n_outputs: int = 0
+    outputs_sequence: bool = True
+    branches: list[Any] = field(default_factory=list)  # ResidualBranch, from find_residual_branches

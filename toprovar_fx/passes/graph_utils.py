@@ -1,0 +1,84 @@
+"""Small helpers shared by the passes: fake values, static inputs, clean-up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+
+LINEAR_FUNCS = {torch.nn.functional.linear, torch._C._nn.linear}
+
+
+def example_value(node: fx.Node):
+    """The fake tensor (or SymInt) Dynamo attached to ``node``, if any."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def is_static_input(node: fx.Node) -> bool:
+    """True for parameters and buffers (module state), which never carry tokens."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    src = node.meta.get("grapharg")
+    name = str(getattr(src, "source", "")) if src is not None else ""
+    if "Param" in name or "_parameters" in node.name or "_buffers" in node.name:
+        return True
+    ex = getattr(src, "example", None) if src is not None else None
+    return isinstance(ex, torch.nn.Parameter)
+
+
+def ancestors(node: fx.Node, stop: set[fx.Node] | None = None) -> set[fx.Node]:
+    """Every node ``node`` depends on (not including itself)."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if stop is not None and n in stop:
+            continue
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def copy_meta(new: fx.Node, old: fx.Node, keys: Iterable[str] = ("nn_module_stack", "stack_trace", "source_fn_stack")) -> None:
+    for k in keys:
+        if k in old.meta:
+            new.meta[k] = old.meta[k]
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Shared clean-up at the end of a pass: lint and regenerate code.
+
+    No general dead-code elimination: Dynamo graphs can hold in-place methods
+    (``f_hat.add_(h)``) whose results are unused; passes erase the nodes they replace.
+    """
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path of ``node`` from Dynamo's ``nn_module_stack`` ('' if none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return str(path)
+
+
+def linear_flops(node: fx.Node) -> float:
+    """2 * in * out per token for a linear layer with a static weight, else 0."""
+    if node.op != "call_function" or node.target not in LINEAR_FUNCS:
+        return 0.0
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    val = example_value(w)
+    shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    if shape is None or len(shape) != 2 or not all(isinstance(d, int) for d in shape):
+        return 0.0
+    return 2.0 * shape[0] * shape[1]

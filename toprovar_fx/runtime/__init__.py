@@ -1,0 +1,1 @@
+"""Per-generation state of the backend: scale clock, entropy statistics, decisions, reports."""

@@ -1,0 +1,296 @@
+"""Pruning decisions at run time: start scale D, layer classes, kept tokens (SPEC section 4).
+
+Cost: at most one host synchronisation per scale. At the first branch after the scale's
+measured layer, the decider computes, in one device-to-host transfer, rho_s (is pruning
+active from here on?) and the kept count ``k`` of every layer of this scale from the measured
+layer's entropy. Which tokens a layer keeps is then chosen on the device (top-k of the
+lowest entropy of the latest layer that ran on all tokens), with no further synchronisation.
+Layer classes are computed once per generation, after the representative scale, from an
+SVD of each layer's ``[h, w]`` entropy map.
+
+``override`` lets a test fix every decision (``(scale, layer) -> BlockDecision``) so the
+compiled path can be compared with the zoo's reference pruning path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .token_ops import gather_tokens, restore_cached, restore_identity
+
+
+@dataclass
+class ScaleDecisions:
+    """Decisions taken for the current scale."""
+
+    scale: int
+    active: bool = False
+    decided: bool = False
+    kept: dict[int, int] = field(default_factory=dict)  # layer -> k (entropy / ratio selection)
+    order: torch.Tensor | None = None  # token order, lowest entropy first ([rows, L])
+
+
+class Decider:
+    """Applies one policy to the branches of one session."""
+
+    def __init__(self, session: Any, policy: Any) -> None:
+        self.session = session
+        self.policy = policy
+        self.override: dict[tuple[int, int], Any] | None = None  # test hook: fixed decisions
+        self.gen = None
+        self.resolved = None
+        self.cur: ScaleDecisions | None = None
+        self.tick = None
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.cached_hw: tuple[int, int] | None = None
+        self.latest_full: torch.Tensor | None = None  # entropy [rows, L] of the latest dense layer
+
+    # ----- generation and scale bookkeeping ---------------------------------------------------
+    def start_generation(self, gen: Any) -> None:
+        self.gen = gen
+        self.resolved = None
+        self.cur = None
+        self.cache.clear()
+        self.cached_hw = None
+
+    def _resolve(self) -> Any | None:
+        if self.resolved is None:
+            name = self.session.clock.candidates[0] if self.session.clock.candidates else None
+            if name is None or self.session.clock.mismatch is not None:
+                return None
+            self.resolved = self.policy.resolved(name)
+        return self.resolved
+
+    # ----- the dispatcher's entry point -------------------------------------------------------
+    def run_branch(self, spec: Any, branch: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        x = inputs[spec.hidden]
+        session = self.session
+        if spec.kind == "self_attn":
+            self.tick = session.tick(int(x.shape[1]), int(x.shape[0]))
+            if self.cur is None or self.cur.scale != self.tick.scale or self.tick.new_generation:
+                self.cur = ScaleDecisions(self.tick.scale)
+                self.latest_full = None
+        tick = self.tick
+        if tick is None:  # a branch before any self-attention (never in VAR blocks): run it
+            return self._keep(spec, branch, inputs, x, None)
+        action, idx = self._decide(spec, tick, x)
+        if action == "skip":
+            self._account(spec, tick, "skip", 0)
+            return (x, *[inputs[i] for i in spec.escape_skip])
+        if action == "keep":
+            return self._keep(spec, branch, inputs, x, tick)
+        return self._prune(spec, branch, inputs, x, tick, idx)
+
+    def _keep(self, spec, branch, inputs, x, tick):
+        outs = branch(*inputs)
+        delta = outs[0]
+        self._record(spec, outs, tick, full=True)
+        res = self._restore_scale()
+        if tick is not None and res is not None and res.cached_scale == tick.scale:
+            self.cache[(tick.layer, spec.kind)] = delta
+            self.cached_hw = self.gen.hw[tick.scale]
+        if tick is not None:
+            self._account(spec, tick, "keep", int(x.shape[1]))
+        return (x + delta, *outs[1:1 + spec.n_escapes])
+
+    def _prune(self, spec, branch, inputs, x, tick, idx):
+        gathered = list(inputs)
+        gathered[spec.hidden] = gather_tokens(x, idx, 1)
+        for i, dim in spec.positional:
+            gathered[i] = gather_tokens(inputs[i], idx, dim)
+        outs = branch(*gathered)
+        self._record(spec, outs, tick, full=False)
+        self._account(spec, tick, "prune_tokens", int(idx.shape[1]))
+        restore = self.policy.restore
+        if restore.mode == "identity":
+            x_new = restore_identity(x, idx, outs[0])
+        else:
+            cached = self.cache.get((tick.layer, spec.kind))
+            if cached is None:
+                raise RuntimeError(
+                    f"toprovar: no branch output recorded at the cached scale for layer {tick.layer} "
+                    f"{spec.kind}; restore.cached_scale must precede every pruned scale"
+                )
+            x_new = restore_cached(x, idx, outs[0], cached, self.cached_hw, self.gen.hw[tick.scale],
+                                   restore.interpolation)
+        return (x_new, *outs[1:1 + spec.n_escapes])
+
+    def _record(self, spec, outs, tick, full: bool) -> None:
+        ents = outs[1 + spec.n_escapes:]
+        for sid, ent in zip(spec.site_ids, ents):
+            if full and self.session.sites[sid].kind == "self":
+                self.latest_full = ent
+            self.session.record_attention(sid, ent, tick)
+
+    def _account(self, spec, tick, action: str, run_tokens: int) -> None:
+        """Executed and dense FLOPs of this branch (linear per token + attention vs K/V)."""
+        gen = self.gen
+        key = (tick.scale, tick.layer)
+        n = gen.tokens[tick.scale]
+        rows = gen.rows
+        dense = rows * n * spec.linear_flops_per_token
+        executed = rows * run_tokens * spec.linear_flops_per_token
+        if spec.kind == "self_attn":
+            lk_dense = sum(gen.tokens[s] for s in range(tick.scale + 1))
+            lk_exec = self.session._kv_len(tick.layer, tick.scale) + run_tokens
+            dense += rows * spec.attention_pair_flops * n * lk_dense
+            executed += rows * spec.attention_pair_flops * run_tokens * lk_exec
+            gen.actions[key] = (action, None if action == "keep" else run_tokens)
+        acc = gen.flops.setdefault(key, [0.0, 0.0])
+        acc[0] += dense
+        acc[1] += executed
+
+    def _restore_scale(self):
+        if self.policy.restore.mode != "cached_scale":
+            return None
+        return self._resolve()
+
+    # ----- decisions ----------------------------------------------------------------------------
+    def _decide(self, spec, tick, x) -> tuple[str, torch.Tensor | None]:
+        if self.override is not None:
+            return self._overridden(spec, tick)
+        res = self._resolve()
+        if res is None or tick.scale == 0:
+            return "keep", None
+        self._maybe_classify(res, tick)
+        cur = self.cur
+        measure = self.policy.scale.measure_layer
+        if tick.layer <= measure:
+            return "keep", None
+        if not cur.decided:
+            self._decide_scale(res, tick)
+        if not cur.active:
+            return "keep", None
+        if not self.policy.layer.eligible(tick.layer):
+            return "keep", None
+        cls = self.gen.layer_classes.get(tick.layer, "global")
+        action = self.policy.layer.actions[cls]
+        if action != "prune_tokens":
+            return action, None
+        if spec.kind not in self.policy.token.sublayers:
+            return "keep", None
+        k = cur.kept.get(tick.layer)
+        if k is None or k >= int(x.shape[1]):
+            return "keep", None
+        return "prune_tokens", self._indices(x, k, tick)
+
+    def _overridden(self, spec, tick):
+        dec = self.override.get((tick.scale, tick.layer))
+        if dec is None or dec.action == "keep":
+            return "keep", None
+        if dec.action == "skip":
+            return "skip", None
+        idx = dec.kept_idx.get(spec.kind)
+        return ("prune_tokens", idx) if idx is not None else ("keep", None)
+
+    def _maybe_classify(self, res, tick) -> None:
+        gen = self.gen
+        if gen.layer_classes or tick.scale <= res.representative:
+            return
+        lay = self.policy.layer
+        depth = self.session.clock.depth or 0
+        if lay.mode == "off":
+            for layer in range(depth):
+                gen.layer_classes[layer], gen.layer_scores[layer] = "detail", 1.0
+            return
+        if lay.mode == "frozen":
+            detail = set(lay.frozen.get("detail", ()))
+            for layer in range(depth):
+                d = layer in detail
+                gen.layer_classes[layer], gen.layer_scores[layer] = ("detail", 1.0) if d else ("global", 0.0)
+            return
+        h, w = gen.hw[res.representative]
+        maps = []
+        layers = sorted(layer for (s, layer) in gen.entropy if s == res.representative)
+        for layer in layers:
+            m = gen.entropy[(res.representative, layer)].float().mean(0).reshape(h, w)
+            maps.append(m - m.mean() if lay.center else m)
+        if not maps:
+            return
+        sv = torch.linalg.svdvals(torch.stack(maps))  # [layers, min(h, w)]
+        ratio = (sv[:, 0] / sv[:, 1].clamp_min(1e-12)).tolist() if sv.shape[1] > 1 else [1.0] * len(layers)
+        lo, hi = lay.ambiguity_band
+        for layer, rho in zip(layers, ratio):
+            r = math.exp(-lay.beta * (rho - 1.0))
+            detail = r >= lay.detail_threshold and not (lo <= r <= hi)
+            gen.layer_classes[layer] = "detail" if detail else "global"
+            gen.layer_scores[layer] = r
+
+    def _decide_scale(self, res, tick) -> None:
+        """Once per scale: is pruning active, and how many tokens each layer keeps (one sync)."""
+        cur, gen, pol = self.cur, self.gen, self.policy
+        cur.decided = True
+        s = tick.scale
+        ent = gen.entropy.get((s, pol.scale.measure_layer))
+        n = gen.tokens[s]
+        if s in res.skip_scales:
+            pass  # whole-scale skips need the sampler's accumulation; see docs/policies.md
+        if pol.scale.mode == "off":
+            return
+        if gen.start_scale is None:
+            if s < res.min_start:
+                return
+            if pol.scale.criterion == "fixed" or s >= res.max_start:
+                gen.start_scale = s
+            elif ent is not None:
+                rho_s = self._rho(ent)
+                gen.rho[s] = rho_s
+                ok = rho_s <= pol.scale.tau if pol.scale.direction == "le" else rho_s >= pol.scale.tau
+                if ok:
+                    gen.start_scale = s
+            if gen.start_scale is None:
+                return
+        cur.active = True
+        gen.active[s] = True
+        tok = pol.token
+        depth = self.session.clock.depth or 0
+        if res.ratios is not None:
+            ratio = res.ratios.get(s)
+            if ratio is None:
+                return
+            k = n - math.floor(ratio * n)
+            cur.kept = dict.fromkeys(range(depth), k)
+            return
+        if ent is None:
+            return
+        h = ent.float().mean(0) if tok.cfg == "shared" else ent.float()
+        hhat = h / (h.mean(-1, keepdim=True) if tok.normalization == "mean" else h.sum(-1, keepdim=True))
+        phi = (s + 1) / res.num_scales if tok.phi == "linear" else 1.0
+        layers = [lay for lay in range(depth) if gen.layer_classes.get(lay) == "detail"] or list(range(depth))
+        r = torch.tensor([gen.layer_scores.get(lay, 1.0) for lay in layers], dtype=torch.float32, device=h.device)
+        q = phi * r.view(-1, *([1] * hhat.dim())) * hhat.unsqueeze(0)
+        p_keep = 1 - (tok.alpha_min + (tok.alpha_max - tok.alpha_min) * q).clamp(0, 1)
+        counts = p_keep.sum(-1).reshape(len(layers), -1).amax(-1)
+        for lay, c in zip(layers, counts.round().tolist()):  # the one host sync of this scale
+            k = max(int(c), math.ceil(tok.min_keep_ratio * n))
+            k = min(n, -(-k // tok.bucket) * tok.bucket)
+            cur.kept[lay] = k
+
+    @staticmethod
+    def _rho(ent: torch.Tensor) -> float:
+        h = ent.float().mean(0)
+        return float((h < h.mean()).float().mean())
+
+    def _indices(self, x: torch.Tensor, k: int, tick) -> torch.Tensor:
+        """Kept token positions ``[rows, k]``, sorted ascending."""
+        tok = self.policy.token
+        rows, n = int(x.shape[0]), int(x.shape[1])
+        if tok.selection == "frequency":
+            # FastVAR: keep the tokens farthest from the scale's mean token
+            dist = (x - x.mean(1, keepdim=True)).pow(2).sum(-1)
+            idx = dist.topk(k, dim=1).indices
+        elif tok.selection == "random":
+            g = torch.Generator(device="cpu").manual_seed(tok.seed * 100003 + tick.scale * 1009 + tick.layer)
+            idx = torch.randperm(n, generator=g)[:k].to(x.device).expand(rows, k)
+        else:
+            ent = self.latest_full if self.latest_full is not None else self.gen.entropy.get(
+                (tick.scale, self.policy.scale.measure_layer))
+            if tok.cfg == "shared":
+                idx = ent.float().mean(0).topk(k, largest=False).indices.expand(rows, k)
+            else:
+                idx = ent.float().topk(k, dim=1, largest=False).indices
+        return idx.sort(dim=1).values

@@ -1,0 +1,282 @@
+"""Per-``torch.compile`` state: sites found at compile time, events seen at run time, reports.
+
+One ``Session`` exists per options dict passed to ``torch.compile(..., backend="toprovar")``
+(Dynamo passes the same dict object for every graph of one compiled function). Graph code
+refers to its session by an integer id, so the graphs stay plain FX (no Python objects in
+node arguments).
+
+Run-time cost: events only append tensors to lists (no host synchronisation). Statistics
+(means, rho, entropy maps) are computed when a report is asked for; pruning decisions
+synchronise at most once per scale (``runtime/decisions.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .clock import ScaleClock, Tick
+from .report import GenerationReport, LayerReport, ScaleReport
+
+log = logging.getLogger("toprovar")
+
+_SESSIONS: dict[int, Session] = {}
+_ids = itertools.count()
+_LAST: list[Session] = []  # the session that ran most recently
+
+
+@dataclass
+class SiteInfo:
+    """An attention site found in some graph at compile time."""
+
+    site_id: int
+    pattern: str  # sdpa | flash_attn | explicit_softmax
+    kind: str  # self | cross
+    heads: int
+    head_dim: int
+    graph_id: int
+    # Matmul FLOPs per query token of the block this self-attention opens (linear layers of
+    # its residual branches); used for the executed/dense FLOP accounting.
+    linear_flops_per_token: float = 0.0
+
+
+@dataclass
+class GenerationState:
+    """Everything recorded during one generation."""
+
+    index: int
+    started: float
+    compiles_before: int
+    compile_seconds_before: float
+    entropy: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (scale, layer) -> [rows, L]
+    tokens: dict[int, int] = field(default_factory=dict)  # scale -> token count
+    hw: dict[int, tuple[int, int]] = field(default_factory=dict)
+    rows: int = 0
+    flops: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (scale, layer) -> [dense, executed]
+    actions: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
+    rho: dict[int, float] = field(default_factory=dict)
+    active: dict[int, bool] = field(default_factory=dict)
+    start_scale: int | None = None
+    layer_scores: dict[int, float] = field(default_factory=dict)  # layer -> R
+    layer_classes: dict[int, str] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+
+
+class Session:
+    """State shared by every graph of one compiled sampler."""
+
+    def __init__(self, settings: Any, policy: Any | None) -> None:
+        self.id = next(_ids)
+        self.settings = settings
+        self.policy = policy
+        schedules = policy.schedules if policy is not None else settings.schedules
+        self.clock = ScaleClock(schedules)
+        self.sites: list[SiteInfo] = []
+        self.branches: list[Any] = []  # BranchSpec, indexed by spec id
+        self.graphs = 0
+        self.compile_seconds = 0.0
+        self.attention_kinds: dict[str, int] = {}
+        self.attention_skipped: list[dict[str, str]] = []
+        self.session_fallbacks: list[str] = []
+        self._warned: set[str] = set()
+        self.gen: GenerationState | None = None
+        self.decider: Any | None = None  # set by the backend in prune mode
+        self._in_branch = 0
+        _SESSIONS[self.id] = self
+
+    # ----- compile time -------------------------------------------------------------------
+    def add_site(self, **kw: Any) -> SiteInfo:
+        site = SiteInfo(site_id=len(self.sites), **kw)
+        self.sites.append(site)
+        self.attention_kinds[site.pattern] = self.attention_kinds.get(site.pattern, 0) + 1
+        return site
+
+    def add_branch(self, spec: Any) -> int:
+        self.branches.append(spec)
+        return len(self.branches) - 1
+
+    def note_compile(self, seconds: float) -> None:
+        self.graphs += 1
+        self.compile_seconds += seconds
+
+    def fallback(self, message: str) -> None:
+        """Record a fallback; warn once per distinct message."""
+        if self.gen is not None:
+            self.gen.fallbacks.append(message)
+        else:
+            self.session_fallbacks.append(message)
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("toprovar: %s", message)
+            warnings.warn(f"toprovar: {message}", RuntimeWarning, stacklevel=3)
+
+    # ----- run time -----------------------------------------------------------------------
+    def tick(self, tokens: int, rows: int) -> Tick:
+        """Advance the scale clock by one self-attention of ``tokens`` query tokens."""
+        t = self.clock.tick(tokens)
+        _LAST[:] = [self]
+        if t.new_generation:
+            self.gen = GenerationState(
+                index=t.generation,
+                started=time.perf_counter(),
+                compiles_before=self.graphs,
+                compile_seconds_before=self.compile_seconds,
+            )
+            self.gen.fallbacks.extend(self.session_fallbacks)
+            self.session_fallbacks = []
+            if self.decider is not None:
+                self.decider.start_generation(self.gen)
+        gen = self.gen
+        if t.new_scale:
+            gen.tokens[t.scale] = tokens
+            gen.hw[t.scale] = self.clock.hw(t.scale, tokens)
+            gen.rows = rows
+            if self.clock.mismatch is not None and self.policy is not None:
+                self.fallback(self.clock.mismatch)
+        return t
+
+    def record_attention(self, site_id: int, entropy: torch.Tensor, tick: Tick | None = None) -> None:
+        """An attention site produced head-mean entropy ``[rows, Lq]``."""
+        site = self.sites[site_id]
+        if site.kind != "self":
+            return
+        rows, lq = entropy.shape[0], entropy.shape[-1]
+        observe = tick is None  # in prune mode the dispatcher ticks and counts FLOPs itself
+        if observe:
+            tick = self.tick(int(lq), int(rows))
+        gen = self.gen
+        key = (tick.scale, tick.layer)
+        if lq == gen.tokens.get(tick.scale):
+            gen.entropy[key] = entropy.detach()
+        if observe and key not in gen.flops:
+            self._count_flops(site, tick, kept=None)
+
+    def _count_flops(self, site: SiteInfo, tick: Tick, kept: int | None) -> None:
+        """FLOPs of one block: linear layers per token plus attention against the K/V cache."""
+        gen = self.gen
+        n = gen.tokens[tick.scale]
+        run = n if kept is None else kept
+        lk_dense = sum(gen.tokens[s] for s in range(tick.scale + 1) if s in gen.tokens)
+        lk_exec = self._kv_len(tick.layer, tick.scale) + run
+        per_pair = 4.0 * site.heads * site.head_dim
+        rows = gen.rows
+        dense = rows * (n * site.linear_flops_per_token + per_pair * n * lk_dense)
+        executed = rows * (run * site.linear_flops_per_token + per_pair * run * lk_exec)
+        gen.flops[(tick.scale, tick.layer)] = [dense, executed]
+        gen.actions.setdefault((tick.scale, tick.layer), ("keep", None) if kept is None else ("prune_tokens", kept))
+
+    def _kv_len(self, layer: int, scale: int) -> int:
+        """K/V tokens this layer holds from scales before ``scale`` (pruned tokens are not kept)."""
+        gen = self.gen
+        total = 0
+        for s in range(scale):
+            action, kept = gen.actions.get((s, layer), ("keep", None))
+            if action == "skip":
+                continue
+            total += gen.tokens.get(s, 0) if kept is None else kept
+        return total
+
+    # ----- reports ------------------------------------------------------------------------
+    def report(self) -> GenerationReport:
+        gen = self.gen
+        rep = GenerationReport(
+            mode=self.settings.resolved_mode,
+            policy=getattr(self.policy, "name", None),
+            attention_rewrites=len(self.sites),
+            attention_kinds=dict(self.attention_kinds),
+            attention_skipped=list(self.attention_skipped),
+            graphs=self.graphs,
+            depth=self.clock.depth,
+        )
+        if gen is None:
+            rep.fallbacks = list(self.session_fallbacks)
+            return rep
+        rep.rows = gen.rows
+        rep.start_scale = gen.start_scale
+        rep.compiles = self.graphs - gen.compiles_before
+        rep.recompiles = rep.compiles if gen.index > 0 else 0
+        rep.compile_seconds = self.compile_seconds - gen.compile_seconds_before
+        rep.fallbacks = list(gen.fallbacks)
+        means = self._layer_means(gen)
+        for s in sorted(gen.tokens):
+            h, w = gen.hw[s]
+            sr = ScaleReport(index=s, h=h, w=w, tokens=gen.tokens[s], rho=gen.rho.get(s),
+                             pruning_active=gen.active.get(s, False))
+            layers = sorted({layer for (sc, layer) in gen.flops if sc == s})
+            for layer in layers:
+                action, kept = gen.actions.get((s, layer), ("keep", None))
+                dense, executed = gen.flops[(s, layer)]
+                sr.flops_dense += dense
+                sr.flops_executed += executed
+                sr.layers.append(LayerReport(
+                    index=layer,
+                    layer_class=gen.layer_classes.get(layer),
+                    r_score=gen.layer_scores.get(layer),
+                    action=action,
+                    kept_tokens=kept,
+                    mean_entropy=means.get((s, layer)),
+                ))
+            if sr.rho is None:
+                sr.rho = self._rho(gen, s)
+            rep.flops_dense += sr.flops_dense
+            rep.flops_executed += sr.flops_executed
+            rep.scales.append(sr)
+        return rep
+
+    def _measure_layer(self) -> int:
+        if self.policy is not None:
+            return int(self.policy.scale.measure_layer)
+        return 0
+
+    def _rho(self, gen: GenerationState, scale: int) -> float | None:
+        ent = gen.entropy.get((scale, self._measure_layer()))
+        if ent is None:
+            return None
+        h = ent.float().mean(0)
+        return float((h < h.mean()).float().mean())
+
+    @staticmethod
+    def _layer_means(gen: GenerationState) -> dict[tuple[int, int], float]:
+        if not gen.entropy:
+            return {}
+        keys = list(gen.entropy)
+        # one host transfer for all layers and scales
+        vals = torch.stack([gen.entropy[k].float().mean() for k in keys]).tolist()
+        return dict(zip(keys, vals))
+
+    def entropy_maps(self) -> dict[tuple[int, int], torch.Tensor]:
+        """``(scale, layer) -> [h, w]`` head- and row-averaged entropy maps (CPU, fp32)."""
+        gen = self.gen
+        if gen is None:
+            return {}
+        out = {}
+        for (s, layer), ent in gen.entropy.items():
+            h, w = gen.hw[s]
+            out[(s, layer)] = ent.float().mean(0).reshape(h, w).cpu()
+        return out
+
+
+def get_session(session_id: int) -> Session:
+    return _SESSIONS[session_id]
+
+
+def last_session() -> Session | None:
+    return _LAST[0] if _LAST else None
+
+
+def last_generation() -> GenerationReport | None:
+    """The report of the most recent generation run through the ``toprovar`` backend."""
+    s = last_session()
+    return s.report() if s is not None else None
+
+
+def entropy_maps() -> dict[tuple[int, int], torch.Tensor]:
+    """Entropy maps ``(scale, layer) -> [h, w]`` of the most recent generation."""
+    s = last_session()
+    return s.entropy_maps() if s is not None else {}

@@ -1,0 +1,34 @@
+"""Token gather and restore used by the dispatcher (one gather per input, one scatter out)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows ``idx [rows, k]`` of ``t`` along token dimension ``dim``; batch dim may broadcast (1)."""
+    dim = dim % t.dim()
+    rows, k = idx.shape
+    view = [1] * t.dim()
+    view[0], view[dim] = rows, k
+    size = list(t.shape)
+    size[0], size[dim] = rows, k
+    if t.shape[0] != rows:
+        t = t.expand(rows, *t.shape[1:])
+    return torch.gather(t, dim, idx.view(view).expand(size))
+
+
+def restore_identity(x: torch.Tensor, idx: torch.Tensor, delta_kept: torch.Tensor) -> torch.Tensor:
+    """Pruned tokens pass unchanged: ``x`` with ``delta_kept`` added at the kept positions."""
+    return x.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), delta_kept)
+
+
+def restore_cached(x: torch.Tensor, idx: torch.Tensor, delta_kept: torch.Tensor, cached: torch.Tensor,
+                   cached_hw: tuple[int, int], hw: tuple[int, int], mode: str) -> torch.Tensor:
+    """Pruned tokens take the branch output recorded at an earlier scale, interpolated (FastVAR)."""
+    rows, _, c = cached.shape
+    grid = cached.transpose(1, 2).reshape(rows, c, *cached_hw)
+    kw = {} if mode in ("area", "nearest") else {"align_corners": False}
+    base = F.interpolate(grid, size=hw, mode=mode, **kw).reshape(rows, c, hw[0] * hw[1]).transpose(1, 2)
+    return x + base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, c), delta_kept)

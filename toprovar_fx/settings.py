@@ -1,0 +1,95 @@
+"""Options of the ``toprovar`` backend, parsed once per ``torch.compile`` call.
+
+``torch.compile(fn, backend="toprovar", options={...})`` hands the ``options`` dict to the
+backend for every graph Dynamo produces. It is parsed here into a frozen ``Settings``;
+unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+VALID_MODES = ("observe", "prune")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one ``torch.compile(..., backend="toprovar")`` call asked for."""
+
+    # A shipped policy name, a YAML path, a dict, or None (observe only).
+    policy: Any = None
+    # Preset of the policy (quality | balanced | fast); None = the policy's default_preset.
+    preset: str | None = None
+    # "observe": rewrite attention and record entropy only; "prune": apply the policy.
+    # None = "prune" when a policy is given, else "observe".
+    mode: str | None = None
+    # Hand rewritten graphs to Inductor. None = on for CUDA graphs, off for CPU graphs.
+    inductor: bool | None = None
+    # Raise instead of falling back to dense execution.
+    strict: bool = False
+    # Dynamo's recompile limit is raised to at least this so that every scale of a
+    # 10-13 scale sampler runs compiled (Dynamo's default of 8 silently falls back to eager).
+    recompile_limit: int = 64
+    # Extra per-scale token-count schedules (name -> [[h, w], ...]) used to recognise scales
+    # when no policy is given (observe mode); the policy's schedules are used otherwise.
+    schedules: Mapping[str, Any] | None = None
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        return "prune" if self.policy is not None else "observe"
+
+
+_OPTION_DOCS = {
+    "policy": "shipped policy name, path to a YAML file, or a dict",
+    "preset": "quality | balanced | fast (a preset defined by the policy)",
+    "mode": "observe | prune",
+    "inductor": "bool: hand rewritten graphs to Inductor (default: on for CUDA, off for CPU)",
+    "strict": "bool: raise instead of falling back to dense",
+    "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
+    "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
+}
+
+
+def parse_options(options: Mapping[str, Any] | None) -> Settings:
+    """Validate ``options`` and return ``Settings``; raise ``ValueError`` naming the bad key."""
+    if options is None:
+        return Settings()
+    if not isinstance(options, Mapping):
+        raise ValueError(f"toprovar: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(_OPTION_DOCS))
+    if unknown:
+        valid = "; ".join(f"{k}: {v}" for k, v in _OPTION_DOCS.items())
+        raise ValueError(f"toprovar: unknown option(s) {unknown}; valid options are {valid}")
+    mode = options.get("mode")
+    if mode is not None and mode not in VALID_MODES:
+        raise ValueError(f"toprovar: option 'mode' must be one of {VALID_MODES}, got {mode!r}")
+    if mode == "prune" and options.get("policy") is None:
+        raise ValueError("toprovar: option mode='prune' needs option 'policy' (a name, YAML path or dict)")
+    for key in ("inductor", "strict"):
+        val = options.get(key)
+        if val is not None and not isinstance(val, bool):
+            raise ValueError(f"toprovar: option {key!r} must be a bool, got {val!r}")
+    limit = options.get("recompile_limit", 64)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 16:
+        raise ValueError(f"toprovar: option 'recompile_limit' must be an int >= 16, got {limit!r}")
+    policy = options.get("policy")
+    if policy is not None and not isinstance(policy, (str, Mapping)) and not hasattr(policy, "__fspath__"):
+        raise ValueError(
+            f"toprovar: option 'policy' must be a policy name, a YAML path or a dict, got {type(policy).__name__}"
+        )
+    schedules = options.get("schedules")
+    if schedules is not None and not isinstance(schedules, Mapping):
+        raise ValueError("toprovar: option 'schedules' must be a dict name -> [[h, w], ...]")
+    return Settings(
+        policy=policy,
+        preset=options.get("preset"),
+        mode=mode,
+        inductor=options.get("inductor"),
+        strict=bool(options.get("strict", False)),
+        recompile_limit=limit,
+        schedules=schedules,
+    )
