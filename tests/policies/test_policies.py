@@ -570,3 +570,12 @@ def test_frozen_hashable_picklable() -> None:
     assert copy.deepcopy(p) == p
     assert p.to_dict()["token"]["ratios"] == {10: 0.4, 11: 0.5}
     assert load_policy("infinity-2b") != p
+
+
+def test_docs_example_is_a_valid_policy() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "policies.md").read_text()
+    m = re.search(r"## Example\n\n```yaml\n(.*?)```", doc, re.S)
+    assert m, "docs/policies.md lost its example"
+    p = Policy.from_dict(yaml.safe_load(m.group(1)), source="docs/policies.md", preset="gentle")
+    assert p.token.alpha_max == 0.6 and p.token.sublayers == ("ffn",)
+    assert p.resolved("1024:1:1").prunable == (10, 11, 12)
