@@ -259,7 +259,7 @@ def test_unknown_keys_at_every_level() -> None:
     ("scale.measure_layer", -1, ("scale.measure_layer: -1 is out of range", "an integer >= 0")),
     ("scale.measure_layer", 32, ("scale.measure_layer: 32 is out of range", "[0, depth-1=31]")),
     ("scale.measure_layer", 1.0, ("scale.measure_layer: 1.0 is not an integer",)),
-    ("layer.beta", 0, ("layer.beta: 0.0 is out of range", "(0, inf)")),
+    ("layer.beta", 0, ("layer.beta: 0 is out of range", "(0, inf)")),
     ("layer.beta", -1.0, ("layer.beta",)),
     ("layer.detail_threshold", 1.2, ("layer.detail_threshold: 1.2 is out of range",)),
     ("layer.ambiguity_band", [0.6, 0.4], ("layer.ambiguity_band[1]: 0.4 is out of range", "[lo=0.6, 1]")),

@@ -177,12 +177,12 @@ def _number(path: str, v: Any, lo: float, hi: float, *, lo_open: bool = False, h
     interval = f"{'(' if lo_open else '['}{lo_txt}, {hi_txt}{')' if hi_open or hi == math.inf else ']'}"
     if not _is_number(v):
         raise _err(path, f"{_fmt(v)} is not a number", f"a number in {interval}")
-    v = float(v)
-    below = v <= lo if lo_open else v < lo
-    above = v >= hi if hi_open else v > hi
+    x = float(v)
+    below = x <= lo if lo_open else x < lo
+    above = x >= hi if hi_open else x > hi
     if below or above:
         raise _err(path, f"{_fmt(v)} is out of range", f"a number in {interval}")
-    return v
+    return x
 
 
 def _integer(path: str, v: Any, lo: int, hi: int | None = None) -> int:
