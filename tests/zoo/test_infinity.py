@@ -13,6 +13,7 @@ from toprovar_fx.zoo.infinity import (
     CONFIGS,
     build_infinity,
     default_scale_schedules,
+    derive_schedule,
     encode_prompts,
     nearest_schedule_key,
     sample_bits,
@@ -66,7 +67,28 @@ def test_schedules():
         h, w = s[-1]
         assert abs(h / w - a / b) < 0.05, key
     assert sched["1024:2:1"] == [(w, h) for h, w in sched["1024:1:2"]]
+    assert len([k for k in sched if k.startswith("1024:")]) == 15
     assert nearest_schedule_key(0.52) == "1024:1:2" and nearest_schedule_key(1.0, 256) == "256:1:1"
+    assert nearest_schedule_key(16 / 9) == "1024:7:4"
+    wide = derive_schedule(BASE_SIDES[1024], 9, 16)
+    assert wide[0] == (1, 1) and len(wide) == 13 and abs(wide[-1][0] / wide[-1][1] - 9 / 16) < 0.02
+    assert abs(wide[-1][0] * wide[-1][1] / 4096 - 1) < 0.05
+
+
+@pytest.mark.parametrize("policy,config", [("infinity-2b", "2b"), ("infinity-8b", "8b"), ("infinity-tiny", "tiny")])
+def test_schedules_agree_with_shipped_policies(policy, config):
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "toprovar_fx" / "policies" / f"{policy}.yaml"
+    if not path.exists():
+        pytest.skip(f"{path} not shipped")
+    doc = yaml.safe_load(path.read_text())
+    m = build_infinity(config, device="meta")
+    for key, grid in doc["schedules"].items():
+        assert m.scale_schedules[key] == [tuple(hw) for hw in grid], key
+    fp = {k: v for k, v in doc["model"].items() if v is not None}
+    assert {k: m.fingerprint()[k] for k in fp} == fp
 
 
 def test_encode_prompts():

@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toprovar_fx.zoo import reference_pruning
-from toprovar_fx.zoo.bsq import BitwiseDecoder, bits_to_codes, downsample_codes, upsample_codes
-from toprovar_fx.zoo.rope2d import apply_rope2d, rope2d_table
+from . import reference_pruning
+from .bsq import BitwiseDecoder, bits_to_codes, downsample_codes, upsample_codes
+from .rope2d import apply_rope2d, rope2d_table
 
 Schedule = list[tuple[int, int]]
 TextCond = tuple[torch.Tensor, list[int], torch.Tensor, int]
@@ -46,22 +46,39 @@ TextCond = tuple[torch.Tensor, list[int], torch.Tensor, int]
 # scale schedules
 # ----------------------------------------------------------------------------------------------
 
-#: side lengths of the square schedules; other aspect ratios are derived from these
+#: side lengths of the square schedules
 BASE_SIDES: dict[int, tuple[int, ...]] = {
     1024: (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64),
     256: (1, 2, 4, 6, 8, 12, 16),
 }
 
-#: aspect-ratio templates (height:width) per resolution
-ASPECT_TEMPLATES: dict[int, tuple[tuple[int, int], ...]] = {
-    1024: ((1, 1), (1, 2), (2, 1), (9, 16), (16, 9), (3, 4), (4, 3)),
-    256: ((1, 1), (1, 2), (2, 1)),
+# The published ~1M-pixel grids (13 scales, 16 px per token) of the Infinity family for its
+# tall aspect-ratio templates, h:w -> [(h, w), ...]; the wide ones are their transposes. The
+# shipped policies (toprovar_fx/policies/infinity-2b.yaml, -8b) list the same grids, so the
+# runtime recognises every scale of every aspect ratio.
+_TALL_1024: dict[tuple[int, int], Schedule] = {
+    (5, 4): [(1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24), (35, 28),
+             (45, 36), (55, 44), (70, 56)],
+    (4, 3): [(1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21), (36, 27),
+             (48, 36), (60, 45), (72, 54)],
+    (3, 2): [(1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22), (39, 26),
+             (48, 32), (63, 42), (78, 52)],
+    (7, 4): [(1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20), (42, 24),
+             (56, 32), (70, 40), (84, 48)],
+    (2, 1): [(1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23),
+             (60, 30), (74, 37), (90, 45)],
+    (5, 2): [(1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20),
+             (65, 26), (80, 32), (100, 40)],
+    (3, 1): [(1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18),
+             (72, 24), (90, 30), (111, 37)],
 }
 
-# the small non-square family is given explicitly (exact 1:2 at every scale but the first)
-_EXPLICIT_SCHEDULES: dict[str, Schedule] = {
-    "256:1:2": [(1, 1), (1, 2), (2, 4), (3, 6), (4, 8), (6, 12), (8, 16)],
-    "256:2:1": [(1, 1), (2, 1), (4, 2), (6, 3), (8, 4), (12, 6), (16, 8)],
+# The small (256 px) family: the square one is the first 7 scales of the 1024 one; the
+# non-square ones hold exactly 1:2 / 2:1 at every scale but the first.
+_SMALL_256: dict[tuple[int, int], Schedule] = {
+    (1, 1): [(s, s) for s in BASE_SIDES[256]],
+    (1, 2): [(1, 1), (1, 2), (2, 4), (3, 6), (4, 8), (6, 12), (8, 16)],
+    (2, 1): [(1, 1), (2, 1), (4, 2), (6, 3), (8, 4), (12, 6), (16, 8)],
 }
 
 
@@ -70,11 +87,12 @@ def _round_half_up(v: float) -> int:
 
 
 def derive_schedule(sides: Sequence[int], h_ratio: int, w_ratio: int) -> Schedule:
-    """Schedule of ``(h, w)`` grids with aspect ``h:w = h_ratio:w_ratio`` and about ``s*s`` tokens.
+    """A schedule for an aspect ratio without a template: grids ``h:w ~ h_ratio:w_ratio``, ~``s*s`` tokens.
 
     For each square side ``s`` the short side is ``round(s * sqrt(r))`` and the long side
     ``round(short / r)`` with ``r = min(h/w, w/h)`` (area-preserving, the ratio held exactly
-    where rounding allows); the first scale is always ``(1, 1)`` and sides never shrink.
+    where rounding allows); the first scale is always ``(1, 1)`` and sides never shrink. Pass
+    the result as ``scale_schedule=`` (its RoPE table is built on first use).
     """
     r = h_ratio / w_ratio
     rs = min(r, 1.0 / r)
@@ -93,21 +111,27 @@ def derive_schedule(sides: Sequence[int], h_ratio: int, w_ratio: int) -> Schedul
 
 
 def default_scale_schedules() -> dict[str, Schedule]:
-    """All schedules, keyed ``"<px>:<h>:<w>"`` (e.g. ``"1024:1:2"`` is twice as wide as high)."""
-    out: dict[str, Schedule] = {}
-    for px, templates in ASPECT_TEMPLATES.items():
-        for a, b in templates:
-            key = f"{px}:{a}:{b}"
-            out[key] = list(_EXPLICIT_SCHEDULES.get(key, derive_schedule(BASE_SIDES[px], a, b)))
+    """All registered schedules, keyed ``"<px>:<h>:<w>"`` (``"1024:1:2"`` is twice as wide as high)."""
+    out: dict[str, Schedule] = {"1024:1:1": [(s, s) for s in BASE_SIDES[1024]]}
+    for (a, b), sched in _TALL_1024.items():
+        out[f"1024:{a}:{b}"] = list(sched)
+        out[f"1024:{b}:{a}"] = [(w, h) for h, w in sched]
+    for (a, b), sched in _SMALL_256.items():
+        out[f"256:{a}:{b}"] = list(sched)
     return out
 
 
+def _key_ratio(key: str) -> float:
+    _, a, b = key.split(":")
+    return int(a) / int(b)
+
+
 def nearest_schedule_key(h_div_w: float, resolution: int = 1024) -> str:
-    """The template key of ``resolution`` whose aspect ratio (h/w) is closest to ``h_div_w``."""
-    if resolution not in ASPECT_TEMPLATES:
-        raise ValueError(f"no schedules for resolution {resolution}; known: {sorted(ASPECT_TEMPLATES)}")
-    a, b = min(ASPECT_TEMPLATES[resolution], key=lambda t: abs(math.log(t[0] / t[1]) - math.log(h_div_w)))
-    return f"{resolution}:{a}:{b}"
+    """The registered key of ``resolution`` whose aspect ratio (h/w) is closest to ``h_div_w``."""
+    keys = [k for k in default_scale_schedules() if k.startswith(f"{resolution}:")]
+    if not keys:
+        raise ValueError(f"no schedules for resolution {resolution}")
+    return min(keys, key=lambda k: abs(math.log(_key_ratio(k)) - math.log(h_div_w)))
 
 
 # ----------------------------------------------------------------------------------------------
