@@ -61,10 +61,18 @@ _SPECS: dict[str, ModelSpec] = {
             "tiny HART-style model for tests (VAR-style blocks + residual diffusion MLP)",
             HARTConfig(**_TINY, diff_width=64, diff_depth=2, diff_steps=8),
         ),
-        ModelSpec("var-d16", "var", "VAR-d16 shapes, shared AdaLN (216M transformer), random weights", _var(16)),
-        ModelSpec("var-d20", "var", "VAR-d20 shapes, shared AdaLN (414M transformer), random weights", _var(20)),
-        ModelSpec("var-d24", "var", "VAR-d24 shapes, shared AdaLN (708M transformer), random weights", _var(24)),
-        ModelSpec("var-d30", "var", "VAR-d30 shapes, shared AdaLN (1.37B transformer), random weights", _var(30)),
+        ModelSpec(
+            "var-d16", "var", "VAR-d16 shapes, shared AdaLN (216M transformer), random weights", _var(16)
+        ),
+        ModelSpec(
+            "var-d20", "var", "VAR-d20 shapes, shared AdaLN (414M transformer), random weights", _var(20)
+        ),
+        ModelSpec(
+            "var-d24", "var", "VAR-d24 shapes, shared AdaLN (708M transformer), random weights", _var(24)
+        ),
+        ModelSpec(
+            "var-d30", "var", "VAR-d30 shapes, shared AdaLN (1.37B transformer), random weights", _var(30)
+        ),
         ModelSpec("infinity-2b", "infinity", "Infinity-2B shapes, random weights", "2b"),
         ModelSpec("infinity-8b", "infinity", "Infinity-8B shapes, random weights", "8b"),
         ModelSpec(

@@ -221,28 +221,27 @@ class VARStyle(nn.Module):
         """AdaLN-before-head then the vocabulary head; fp32 logits ``[N, L, V]``."""
         return self.head(self.head_nm(h, cond_BD)).float()
 
-    def level_pos(self, si: int) -> torch.Tensor:
-        """Level plus positional embedding of scale ``si``: ``[1, h*w, C]``."""
-        begin, end = self.begin_ends[si]
-        return self.lvl_embed.weight[si].view(1, 1, -1) + self.pos_1LC[:, begin:end]
+    def level_pos_all(self) -> torch.Tensor:
+        """Level plus positional embedding of every token of the pyramid: ``[1, L_total, C]``."""
+        lvl_ids = torch.repeat_interleave(
+            torch.arange(len(self.patch_nums), device=self.pos_1LC.device),
+            torch.tensor([e - b for b, e in self.begin_ends], device=self.pos_1LC.device),
+        )
+        return self.lvl_embed(lvl_ids).unsqueeze(0) + self.pos_1LC
 
     def set_kv_caching(self, enable: bool) -> None:
         """Turn every block's K/V cache on or off (either way it starts empty)."""
         for blk in self.blocks:
             blk.attn.kv_caching(enable)
 
-    def run_blocks(
+    def run_blocks_ref_pruning(
         self,
         x: torch.Tensor,
         cond_BD_or_gss: torch.Tensor,
         si: int,
-        ref_pruning: reference_pruning.RefPruning | None,
+        ref_pruning: reference_pruning.RefPruning,
     ) -> torch.Tensor:
-        """All blocks at scale ``si``: plain forwards, or the reference pruning path."""
-        if ref_pruning is None:
-            for blk in self.blocks:
-                x = blk(x, cond_BD_or_gss)
-            return x
+        """All blocks at scale ``si`` through the reference pruning oracle (test path only)."""
         hw = self.schedule[si]
         for layer, blk in enumerate(self.blocks):
             x = blk.forward_ref_pruning(x, cond_BD_or_gss, ref_pruning, si, layer, hw)
@@ -297,10 +296,11 @@ class VARStyle(nn.Module):
         labels = torch.cat((label_B, torch.full_like(label_B, self.num_classes)), dim=0)
         sos = cond_BD = self.class_emb(labels)
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+        lvl_pos = self.level_pos_all()
         next_token_map = (
             sos.unsqueeze(1).expand(2 * B, self.first_l, -1)
             + self.pos_start.expand(2 * B, self.first_l, -1)
-            + self.level_pos(0)
+            + lvl_pos[:, : self.first_l]
         )
         f_hat = sos.new_zeros(B, self.cvae, *self.schedule[-1])
         all_logits: list[torch.Tensor] = []
@@ -308,7 +308,12 @@ class VARStyle(nn.Module):
         self.set_kv_caching(True)
         for si, (ph, pw) in enumerate(self.schedule):
             ratio = si / max(num_scales - 1, 1)
-            x = self.run_blocks(next_token_map, cond_BD_or_gss, si, ref_pruning)
+            x = next_token_map
+            if ref_pruning is None:
+                for blk in self.blocks:
+                    x = blk(x, cond_BD_or_gss)
+            else:
+                x = self.run_blocks_ref_pruning(x, cond_BD_or_gss, si, ref_pruning)
             logits_BlV = self.get_logits(x, cond_BD)
             t = cfg * ratio
             logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
@@ -328,7 +333,8 @@ class VARStyle(nn.Module):
             )
             if si != num_scales - 1:
                 next_token_map = next_token_map.view(B, self.cvae, -1).transpose(1, 2)
-                next_token_map = self.word_embed(next_token_map) + self.level_pos(si + 1)
+                begin, end = self.begin_ends[si + 1]
+                next_token_map = self.word_embed(next_token_map) + lvl_pos[:, begin:end]
                 next_token_map = next_token_map.repeat(2, 1, 1)  # CFG: conditional rows, then null class
             else:
                 f_hat = self.refine_f_hat(f_hat, x, idx_Bl, t, rng)

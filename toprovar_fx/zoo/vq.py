@@ -47,7 +47,10 @@ class PartiallySharedPhi(nn.Module):
 
     def pick(self, at: float) -> Phi:
         """The ``Phi`` for a scale at relative position ``at`` in ``[0, 1]``."""
-        best = min(range(len(self.ticks)), key=lambda i: abs(self.ticks[i] - at))
+        best = 0
+        for i, tick in enumerate(self.ticks):
+            if abs(tick - at) < abs(self.ticks[best] - at):
+                best = i
         return self.phis[best]
 
 
