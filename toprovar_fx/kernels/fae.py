@@ -84,8 +84,8 @@ def validate_fae_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         raise ValueError(f"fae: k must have at least one key (Lk >= 1) in [B, Hkv, Lk, D], got {tuple(k.shape)}")
     if head_dim == 0:
         raise ValueError(f"fae: q must have a head dim D >= 1 in [B, Hq, Lq, D], got {tuple(q.shape)}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"fae: scale must be a finite float or None, got {scale}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"fae: scale must be a finite float > 0 or None, got {scale}")
 
 
 def fae_torch(
@@ -201,7 +201,7 @@ def fae(
         q: ``[B, Hq, Lq, D]`` queries (fp16, bf16, fp32 or fp64; any strides).
         k: ``[B, Hkv, Lk, D]`` keys, ``Hq % Hkv == 0``, ``Lk >= 1``.
         v: ``[B, Hkv, Lk, D]`` values.
-        scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
+        scale: softmax scale > 0; ``None`` means ``1 / sqrt(D)``.
         head_mean: return the entropy averaged over query heads, ``[B, Lq]``.
 
     Returns:

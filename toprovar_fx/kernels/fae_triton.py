@@ -36,7 +36,9 @@ The loop structure follows FlashAttention-2 (Dao, 2023) as written in Triton's t
 * any head dim 1..256: the tile width is the next power of two (at least 16, ``tl.dot``'s minimum)
   and the padded columns are masked to zero on load;
 * lengths that are not multiples of the block sizes: the key loop runs unmasked over full blocks
-  and a peeled last block masks its scores (``EVEN_M`` / ``EVEN_N`` / ``EVEN_D`` heuristics);
+  and a peeled last block masks its scores. Ragged Lq/Lk are runtime branches (they touch only the
+  prologue, epilogue and the tail block), so one compiled kernel serves every VAR scale; only
+  ``EVEN_D`` (head dim already a power of two) is a compile-time heuristic;
 * a second variant (``use_tma``) loads q/k/v through Hopper's tensor-memory accelerator with
   4-D host tensor descriptors (zero-filled out of bounds, any 16-byte aligned strides);
 * launch parameters come from a small table keyed by (padded head dim, element size, variant),
@@ -87,6 +89,8 @@ LN2 = 0.6931471805599453  # ln(2): converts the log2-domain entropy back to nats
 # Stand-in for -inf (see Cautions): finite so 0 * score stays 0, far below any real score.
 _NEG_BIG = tl.constexpr(-1.0e30)
 _LN2 = tl.constexpr(LN2)
+# Lazy rescaling threshold in log2 units: p = 2**(s - m_ref) stays <= 2**8 between rescales.
+_LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
 MIN_DOT_DIM = 16  # tl.dot needs every operand dimension >= 16
 MAX_HEAD_DIM = 256  # the largest head dim the tables below are sized for (registers, smem)
 _TMA_ALIGN_BYTES = 16  # TMA needs 16-byte aligned base pointers and non-unit strides
@@ -101,7 +105,9 @@ class FaeConfig:
 
     ``block_m`` query rows per program, ``block_n`` keys per inner step, ``num_warps`` and
     ``num_stages`` (software-pipelining depth of the key/value loads), ``use_tma`` selects the
-    tensor-descriptor variant (sm_90+ only).
+    tensor-descriptor variant (sm_90+ only), ``warp_specialize`` asks Triton to split the key
+    loop into producer/consumer warps (only where the Triton build supports it),
+    ``lazy_rescale`` skips the output rescale until the running maximum grows by 2**8.
     """
 
     block_m: int
@@ -109,6 +115,8 @@ class FaeConfig:
     num_warps: int
     num_stages: int
     use_tma: bool = False
+    warp_specialize: bool = False
+    lazy_rescale: bool = False
 
 
 # Launch table for 16-bit inputs, keyed by padded head dim. Tuned on an H200 (sm_90) with the
@@ -167,55 +175,134 @@ def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _fae_update(
-    acc, l_i, m_i, t_i, q, k, v, qk_scale, n_ok,
-    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):  # fmt: skip
-    """One streaming step over a key block.
+def _round_fp32_to_bf16_rne(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value (round-to-nearest-even on the bits).
 
-    acc [BLOCK_M, D_PAD] fp32, l_i / m_i / t_i [BLOCK_M] fp32, q [BLOCK_M, D_PAD], k / v
-    [BLOCK_N, D_PAD], n_ok [BLOCK_N] bool (valid keys; read only when MASK_N). UPCAST_DOT is
-    for the CPU interpreter only, whose tl.dot cannot read bf16: the operands (p rounded to
-    the input dtype first, as on the GPU) are widened to fp32 and multiplied exactly.
+    Interpreter only: its fp32 -> bf16 cast truncates, unlike the GPU's cvt.rn, which would bias
+    every rounded probability downward. Finite inputs only (p and the output are finite).
     """
-    if UPCAST_DOT:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = s * qk_scale  # log2 units
-    if MASK_N:
-        s = tl.where(n_ok[None, :], s, _NEG_BIG)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    x = s - m_new[:, None]  # <= 0
-    p = tl.math.exp2(x)
-    alpha = tl.math.exp2(m_i - m_new)
-    t_i = alpha * (t_i - (m_new - m_i) * l_i) + tl.sum(p * x, 1)
-    l_i = alpha * l_i + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    p_in = p.to(v.dtype)
-    if UPCAST_DOT:
-        acc = tl.dot(p_in.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new, t_i
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _fae_finish(acc, l_i, t_i, log_lk):
+def _fae_scores(q, k, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Raw scores q k^T: q [BLOCK_M, D_PAD], k [BLOCK_N, D_PAD] -> [BLOCK_M, BLOCK_N] fp32.
+
+    UPCAST_DOT is for the CPU interpreter, whose tl.dot cannot read bf16: operands are widened
+    to fp32 (exact products of the bf16 values, as the tensor cores compute them).
+    """
+    if UPCAST_DOT:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _fae_softmax_pv(
+    acc, l_i, m_i, t_i, s, v, qk_scale, n_ok,
+    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ENTROPY: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+):  # fmt: skip
+    """Streaming update with one block of raw scores; returns the new (acc, l_i, m_i, t_i).
+
+    acc [BLOCK_M, D_PAD] fp32, l_i / m_i / t_i [BLOCK_M] fp32 (m_i, t_i in log2 units),
+    s [BLOCK_M, BLOCK_N] raw scores, v [BLOCK_N, D_PAD], n_ok [BLOCK_N] bool (valid keys; read
+    only when MASK_N). ``qk_scale > 0`` lets the row maximum be taken before scaling, so the
+    shift is one fused multiply-add per score.
+
+    LAZY_RESCALE keeps a stale reference maximum until some row's block maximum exceeds it by
+    more than ``_LAZY_RESCALE_LOG2`` (p then stays <= 2**8, harmless in fp32 and after the cast
+    to bf16/fp16), skipping the ``acc * alpha`` rescale on most blocks; the entropy identity holds
+    for any reference, see the module docstring. ENTROPY=False drops the entropy accumulator
+    (benchmark ablation only). With UPCAST_DOT (interpreter) p is rounded to bf16 as on the GPU.
+    """
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, _NEG_BIG)
+    m_blk = tl.max(s, 1) * qk_scale
+    if LAZY_RESCALE:
+        if tl.max(m_blk - m_i, 0) > _LAZY_RESCALE_LOG2:  # block-uniform branch
+            m_new = tl.maximum(m_i, m_blk)
+            alpha = tl.math.exp2(m_i - m_new)
+            t_i = alpha * (t_i - (m_new - m_i) * l_i)
+            l_i = alpha * l_i
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        x = s * qk_scale - m_i[:, None]  # (score - reference max) in log2 units, <= 8
+        p = tl.math.exp2(x)
+        if ENTROPY:
+            t_i += tl.sum(p * x, 1)
+        l_i += tl.sum(p, 1)
+    else:
+        m_new = tl.maximum(m_i, m_blk)
+        x = s * qk_scale - m_new[:, None]  # (score - running max) in log2 units, <= 0
+        p = tl.math.exp2(x)
+        alpha = tl.math.exp2(m_i - m_new)
+        if ENTROPY:
+            t_i = alpha * (t_i - (m_new - m_i) * l_i) + tl.sum(p * x, 1)
+        l_i = alpha * l_i + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    if UPCAST_DOT:
+        acc = tl.dot(_round_fp32_to_bf16_rne(p), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_i, t_i
+
+
+@triton.jit
+def _fae_update(
+    acc, l_i, m_i, t_i, q, k, v, qk_scale, n_ok,
+    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ENTROPY: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+):  # fmt: skip
+    """One streaming step over a key block: scores, then the softmax/entropy/PV update."""
+    s = _fae_scores(q, k, DOT_PRECISION, UPCAST_DOT)
+    return _fae_softmax_pv(
+        acc, l_i, m_i, t_i, s, v, qk_scale, n_ok, MASK_N, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE
+    )
+
+
+@triton.jit
+def _fae_finish(acc, l_i, t_i, log_lk, UPCAST_DOT: tl.constexpr):
     """Normalise the output and turn (l, t) into the entropy in nats, clamped to [0, log Lk]."""
     out = acc / l_i[:, None]
+    if UPCAST_DOT:  # interpreter + bf16: round like the GPU before the (truncating) cast
+        out = _round_fp32_to_bf16_rne(out)
     ent = _LN2 * (tl.math.log2(l_i) - t_i / l_i)
     ent = tl.minimum(tl.maximum(ent, 0.0), log_lk)
     return out, ent
 
 
-@triton.heuristics(
-    {
-        "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
-        "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
-        "EVEN_D": lambda a: a["HEAD_DIM"] == a["HEAD_DIM_PAD"],
-    }
-)
+@triton.jit
+def _fae_ptr_step(
+    acc, l_i, m_i, t_i, q, k_ptrs, v_ptrs, start_n, Lk, offs_n, d_ok, qk_scale,
+    stride_kn, stride_vn,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ENTROPY: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+):  # fmt: skip
+    """Load the key/value block at ``start_n`` through pointers (masked as needed), then update."""
+    n_ok = (start_n + offs_n) < Lk
+    if MASK_N:
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
+    return _fae_update(
+        acc, l_i, m_i, t_i, q, k, v, qk_scale, n_ok, MASK_N, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE
+    )
+
+
+# Only EVEN_D is a compile-time specialisation (it changes the loads inside the key loop and is
+# fixed per model). Ragged Lq / Lk are handled by runtime branches that touch only the prologue,
+# epilogue and one peeled tail block: as constexprs (EVEN_M / EVEN_N heuristics) they would
+# multiply the compiled variants as VAR's token counts change from scale to scale.
+@triton.heuristics({"EVEN_D": lambda a: a["HEAD_DIM"] == a["HEAD_DIM_PAD"]})
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _fae_fwd_kernel(
     Q,  # [B, Hq, Lq, D], any strides
@@ -237,8 +324,9 @@ def _fae_fwd_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -257,47 +345,56 @@ def _fae_fwd_kernel(
     k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    if EVEN_M & EVEN_D:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
+    # Full key blocks without masks, then the partial last block (if any) with masks.
     n_full = (Lk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        if EVEN_D:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
-        acc, l_i, m_i, t_i = _fae_update(acc, l_i, m_i, t_i, q, k, v, qk_scale, offs_n, False, DOT_PRECISION, UPCAST_DOT)
-    if not EVEN_N:
-        n_ok = (n_full + offs_n) < Lk
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptrs + n_full * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + n_full * stride_vn, mask=kv_mask, other=0.0)
-        acc, l_i, m_i, t_i = _fae_update(acc, l_i, m_i, t_i, q, k, v, qk_scale, n_ok, True, DOT_PRECISION, UPCAST_DOT)
+    if WARP_SPEC:
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i, t_i = _fae_ptr_step(
+                acc, l_i, m_i, t_i, q, k_ptrs, v_ptrs, tl.multiple_of(start_n, BLOCK_N), Lk, offs_n, d_ok,
+                qk_scale, stride_kn, stride_vn, False, EVEN_D, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE,
+            )  # fmt: skip
+    else:
+        for start_n in tl.range(0, n_full, BLOCK_N):
+            acc, l_i, m_i, t_i = _fae_ptr_step(
+                acc, l_i, m_i, t_i, q, k_ptrs, v_ptrs, tl.multiple_of(start_n, BLOCK_N), Lk, offs_n, d_ok,
+                qk_scale, stride_kn, stride_vn, False, EVEN_D, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE,
+            )  # fmt: skip
+    if n_full < Lk:  # ragged tail: one masked block
+        acc, l_i, m_i, t_i = _fae_ptr_step(
+            acc, l_i, m_i, t_i, q, k_ptrs, v_ptrs, n_full, Lk, offs_n, d_ok,
+            qk_scale, stride_kn, stride_vn, True, EVEN_D, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE,
+        )  # fmt: skip
 
-    out, ent = _fae_finish(acc, l_i, t_i, log_lk)
+    out, ent = _fae_finish(acc, l_i, t_i, log_lk, UPCAST_DOT)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     e_ptrs = Ent + b * stride_eb + h * stride_eh + offs_m * stride_em
-    if EVEN_M & EVEN_D:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
-    else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    if EVEN_M:
-        tl.store(e_ptrs, ent)
-    else:
-        tl.store(e_ptrs, ent, mask=m_ok)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(e_ptrs, ent, mask=m_ok)
 
 
-@triton.heuristics({"EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0})
+@triton.jit
+def _fae_tma_step(
+    acc, l_i, m_i, t_i, q, desc_k, desc_v, b, hk, start_n, Lk, offs_n, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ENTROPY: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+):  # fmt: skip
+    """Load the key/value block at ``start_n`` through TMA (zero-filled past Lk and D), update."""
+    k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+    v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+    n_ok = (start_n + offs_n) < Lk
+    return _fae_update(
+        acc, l_i, m_i, t_i, q, k, v, qk_scale, n_ok, MASK_N, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE
+    )
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _fae_fwd_tma_kernel(
     desc_q,  # 4-D descriptor over q [B, Hq, Lq, D], block [1, 1, BLOCK_M, D_PAD]
@@ -314,7 +411,9 @@ def _fae_fwd_tma_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     # Out-of-bounds rows and columns of every TMA load read as zero and out-of-bounds parts of
     # the output store are dropped, so only the scores of the last key block need a mask.
@@ -334,20 +433,26 @@ def _fae_fwd_tma_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     n_full = (Lk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-        v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-        acc, l_i, m_i, t_i = _fae_update(acc, l_i, m_i, t_i, q, k, v, qk_scale, offs_n, False, DOT_PRECISION, UPCAST_DOT)
-    if not EVEN_N:
-        k = desc_k.load([b, hk, n_full, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-        v = desc_v.load([b, hk, n_full, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-        n_ok = (n_full + offs_n) < Lk
-        acc, l_i, m_i, t_i = _fae_update(acc, l_i, m_i, t_i, q, k, v, qk_scale, n_ok, True, DOT_PRECISION, UPCAST_DOT)
+    if WARP_SPEC:
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i, t_i = _fae_tma_step(
+                acc, l_i, m_i, t_i, q, desc_k, desc_v, b, hk, tl.multiple_of(start_n, BLOCK_N), Lk, offs_n,
+                qk_scale, BLOCK_N, HEAD_DIM_PAD, False, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE,
+            )  # fmt: skip
+    else:
+        for start_n in tl.range(0, n_full, BLOCK_N):
+            acc, l_i, m_i, t_i = _fae_tma_step(
+                acc, l_i, m_i, t_i, q, desc_k, desc_v, b, hk, tl.multiple_of(start_n, BLOCK_N), Lk, offs_n,
+                qk_scale, BLOCK_N, HEAD_DIM_PAD, False, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE,
+            )  # fmt: skip
+    if n_full < Lk:  # ragged tail: one masked block
+        acc, l_i, m_i, t_i = _fae_tma_step(
+            acc, l_i, m_i, t_i, q, desc_k, desc_v, b, hk, n_full, Lk, offs_n,
+            qk_scale, BLOCK_N, HEAD_DIM_PAD, True, DOT_PRECISION, UPCAST_DOT, ENTROPY, LAZY_RESCALE,
+        )  # fmt: skip
 
-    out, ent = _fae_finish(acc, l_i, t_i, log_lk)
-    out = out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM_PAD)
-    desc_o.store([b, h, start_m, 0], out)
+    out, ent = _fae_finish(acc, l_i, t_i, log_lk, UPCAST_DOT)
+    desc_o.store([b, h, start_m, 0], out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM_PAD))
     e_ptrs = Ent + b.to(tl.int64) * stride_eb + h.to(tl.int64) * stride_eh + offs_m * stride_em
     tl.store(e_ptrs, ent, mask=offs_m < Lq)
 
@@ -377,10 +482,16 @@ def _shrink(config: FaeConfig) -> FaeConfig | None:
 _FITTED: dict[tuple[int, torch.dtype, bool, int], FaeConfig] = {}
 
 
-def _launch(
+def launch_fae(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, ent: torch.Tensor,
-    scale: float, config: FaeConfig,
-) -> None:  # fmt: skip
+    scale: float, config: FaeConfig, *, entropy: bool = True,
+):  # fmt: skip
+    """Launch one FAE kernel into preallocated ``out`` [B, Hq, Lq, D] / ``ent`` [B, Hq, Lq].
+
+    Returns Triton's compiled-kernel handle (its ``asm`` dict holds ttgir/ptx for inspection).
+    ``entropy=False`` compiles the kernel without the entropy accumulator (benchmark ablation;
+    ``ent`` then holds zeros). ``scale`` must be > 0.
+    """
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     d_pad = padded_head_dim(head_dim)
@@ -397,25 +508,27 @@ def _launch(
         BLOCK_N=config.block_n,
         DOT_PRECISION=_dot_precision(q.dtype),
         UPCAST_DOT=interpret_mode() and q.dtype == torch.bfloat16,
+        ENTROPY=entropy,
+        LAZY_RESCALE=config.lazy_rescale,
+        WARP_SPEC=config.warp_specialize,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if config.use_tma:
         blk_q = [1, 1, config.block_m, d_pad]
         blk_kv = [1, 1, config.block_n, d_pad]
-        _fae_fwd_tma_kernel[grid](
+        return _fae_fwd_tma_kernel[grid](
             TensorDescriptor(q, list(q.shape), list(q.stride()), blk_q),
             TensorDescriptor(k, list(k.shape), list(k.stride()), blk_kv),
             TensorDescriptor(v, list(v.shape), list(v.stride()), blk_kv),
             TensorDescriptor(out, list(out.shape), list(out.stride()), blk_q),
             ent, *ent.stride(), **common,
         )  # fmt: skip
-    else:
-        _fae_fwd_kernel[grid](
-            q, k, v, out, ent,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ent.stride(),
-            HEAD_DIM=head_dim, **common,
-        )  # fmt: skip
+    return _fae_fwd_kernel[grid](
+        q, k, v, out, ent,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ent.stride(),
+        HEAD_DIM=head_dim, **common,
+    )  # fmt: skip
 
 
 def fae_triton(
@@ -430,6 +543,8 @@ def fae_triton(
     batch, heads_q, len_q, head_dim = q.shape
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"fae_triton: head dim {head_dim} > {MAX_HEAD_DIM} is not supported")
+    if not scale > 0:
+        raise ValueError(f"fae_triton: scale must be > 0, got {scale}")
     out = torch.empty((batch, heads_q, len_q, head_dim), dtype=q.dtype, device=q.device)
     ent = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -441,7 +556,7 @@ def fae_triton(
         config = _FITTED.get(key) or replace(default_config(head_dim, q.dtype, q.device), use_tma=use_tma)
     while True:
         try:
-            _launch(q, k, v, out, ent, scale, config)
+            launch_fae(q, k, v, out, ent, scale, config)
             break
         except Exception as err:  # triton raises its own OutOfResources type
             smaller = None if explicit or not _is_out_of_resources(err) else _shrink(config)
