@@ -769,19 +769,6 @@ class InfinityLike(nn.Module):
 
     # --- block loops ------------------------------------------------------------------------
 
-    def _run_blocks(
-        self,
-        x: torch.Tensor,
-        gss: torch.Tensor,
-        ca_kv: tuple[torch.Tensor, torch.Tensor, int],
-        rope: torch.Tensor,
-        schedule: tuple[tuple[int, int], ...],
-        si: int,
-    ) -> torch.Tensor:
-        for chunk in self.block_chunks:
-            x = chunk(x, gss, ca_kv, rope, schedule, si)
-        return x
-
     def _run_blocks_ref(
         self,
         x: torch.Tensor,
@@ -861,7 +848,11 @@ class InfinityLike(nn.Module):
             for si, (h, w) in enumerate(schedule):
                 x = x + self.lvl_embed.weight[si]
                 if ref_pruning is None:
-                    x = self._run_blocks(x, gss, ca_kv, rope, schedule, si)
+                    # blocks called from the scale loop itself: with the sampler frame skipped by
+                    # Dynamo (graph breaks at sampling), each Block.forward is its own graph
+                    for chunk in self.block_chunks:
+                        for blk in chunk.module:
+                            x = blk(x, gss, ca_kv, rope, schedule, si)
                 else:
                     x = self._run_blocks_ref(x, gss, ca_kv, rope, schedule, si, ref_pruning)
                 logits = self.get_logits(x, cond_BD).float().view(rows, h * w, self.d_bits, 2) / taus[si]
