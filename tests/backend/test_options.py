@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from toprovar_fx.settings import parse_options
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown option.*'polcy'.*valid options are.*policy"):
+        parse_options({"polcy": "x"})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"mode": "fast"}, "mode' must be one of"),
+        ({"mode": "prune"}, "needs option 'policy'"),
+        ({"inductor": "yes"}, "'inductor' must be a bool"),
+        ({"strict": 1}, "'strict' must be a bool"),
+        ({"recompile_limit": 4}, "recompile_limit' must be an int >= 16"),
+        ({"policy": 3.5}, "'policy' must be a policy name"),
+    ],
+)
+def test_bad_option_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(options)
+
+
+def test_defaults_and_mode_resolution():
+    s = parse_options(None)
+    assert s.resolved_mode == "observe" and not s.strict and s.inductor is None
+    assert parse_options({"policy": "var-tiny"}).resolved_mode == "prune"
+    assert parse_options({"policy": "var-tiny", "mode": "observe"}).resolved_mode == "observe"
+
+
+def test_backend_is_found_by_name_through_the_entry_point():
+    fn = torch.compile(lambda x: x * 2, backend="toprovar", options={"mode": "observe"})
+    assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_unknown_option_fails_the_compile():
+    fn = torch.compile(lambda x: x + 1, backend="toprovar", options={"bogus": True})
+    with pytest.raises(Exception, match="unknown option"):
+        fn(torch.ones(2))
