@@ -1,0 +1,113 @@
+"""Prune mode: keep-all equals dense; fixed decisions equal the zoo's reference pruning path."""
+
+import pytest
+import torch
+
+import toprovar_fx
+from toprovar_fx.runtime.session import last_session
+from toprovar_fx.zoo.reference_pruning import BlockDecision, RefPruning
+
+from .helpers import max_rel_diff, model, sampler_call
+
+
+@pytest.mark.parametrize("name", ["var-tiny", "infinity-tiny"])
+def test_keepall_policy_equals_dense(name):
+    call = sampler_call(name, 1)
+    m = model(name)
+    _, ref = call(m.autoregressive_infer_cfg)
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": f"{name}-keepall"})
+    _, got = call(fast)
+    assert max_rel_diff(got, ref) <= 1e-5
+    rep = toprovar_fx.last_generation()
+    assert rep.mode == "prune" and rep.fallbacks == []
+    assert rep.flops_executed == rep.flops_dense
+
+
+def _fixed_decisions(name: str, tokens: list[int], rows: int, depth: int, kinds: tuple[str, ...]):
+    """Skip one layer and prune tokens (random sorted indices) in others at the last two scales."""
+    g = torch.Generator().manual_seed(3)
+    decisions = {}
+    last = len(tokens) - 1
+    for s in (last - 1, last):
+        n = tokens[s]
+        decisions[(s, 1)] = BlockDecision("skip")
+        for layer in range(2, depth):
+            k = n // 2 + layer
+            idx = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(rows)])
+            decisions[(s, layer)] = BlockDecision("prune_tokens", {kind: idx for kind in kinds})
+    return decisions
+
+
+@pytest.mark.parametrize("restore", ["identity", "cached_scale"])
+@pytest.mark.parametrize("name", ["var-tiny", "infinity-tiny"])
+def test_fixed_decisions_match_reference_pruning_path(name, restore):
+    m = model(name)
+    fp = m.fingerprint()
+    call = sampler_call(name, 1)
+    _, dense = call(m.autoregressive_infer_cfg)
+    tokens = [t.shape[1] for t in dense]
+    kinds = ("self_attn", "cross_attn", "ffn") if name.startswith("infinity") else ("self_attn", "ffn")
+    decisions = _fixed_decisions(name, tokens, rows=2, depth=fp["depth"], kinds=kinds)
+    cached = len(tokens) - 3
+    oracle = RefPruning(decisions, restore=restore, cached_scale=cached if restore == "cached_scale" else None)
+    _, want = sampler_call(name, 1, ref_pruning=oracle)(m.autoregressive_infer_cfg)
+    assert max_rel_diff(want, dense) > 1e-3  # the decisions matter
+
+    policy = {"restore": {"mode": restore, "cached_scale": cached + 1}} if restore == "cached_scale" else {}
+    from toprovar_fx.policies import load_policy
+
+    base = load_policy(f"{name}-keepall").to_dict()
+    base.update(policy)
+    base["name"] = "fixed"
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": base, "strict": True})
+    call(fast)  # warm-up: compiles every scale
+    last_session().decider.override = decisions
+    _, got = call(fast)
+    assert max_rel_diff(got, want) <= 1e-4
+    rep = toprovar_fx.last_generation()
+    s = len(tokens) - 1
+    layers = {layer.index: layer for layer in rep.scales[s].layers}
+    assert layers[1].action == "skip"
+    assert layers[2].action == "prune_tokens" and layers[2].kept_tokens == tokens[s] // 2 + 2
+    assert rep.flops_executed < rep.flops_dense
+
+
+def test_flop_ratio_agrees_with_an_independent_count():
+    """Executed/dense FLOPs from the report equal a count from the kept tokens alone."""
+    name = "var-tiny"
+    m = model(name)
+    fp = m.fingerprint()
+    call = sampler_call(name, 1)
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny-keepall"})
+    _, dense = call(fast)
+    tokens = [t.shape[1] for t in dense]
+    decisions = _fixed_decisions(name, tokens, rows=2, depth=fp["depth"], kinds=("self_attn", "ffn"))
+    last_session().decider.override = decisions
+    call(fast)
+    rep = toprovar_fx.last_generation()
+    c, heads = fp["width"], fp["heads"]
+    lin = 2.0 * (c * 3 * c + c * c) + 2.0 * (c * 4 * c + 4 * c * c)  # qkv + proj, fc1 + fc2 (mlp ratio 4)
+    pair = 4.0 * c  # 4 * heads * head_dim
+
+    def count(kept_of):
+        total = 0.0
+        for layer in range(fp["depth"]):
+            kv = 0
+            for s, n in enumerate(tokens):
+                run = kept_of(s, layer, n)
+                if run is None:  # skipped: no FLOPs, nothing appended to the cache
+                    continue
+                kv += run
+                total += 2 * (run * lin + pair * run * kv)
+        return total
+
+    def executed(s, layer, n):
+        d = decisions.get((s, layer))
+        if d is None:
+            return n
+        return None if d.action == "skip" else d.kept_idx["self_attn"].shape[1]
+
+    dense_count = count(lambda s, layer, n: n)
+    assert heads * (c // heads) == c
+    assert rep.flops_dense == pytest.approx(dense_count, rel=1e-9)
+    assert rep.flops_executed == pytest.approx(count(executed), rel=1e-9)
