@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 if "--smoke" in sys.argv:  # must precede the triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,7 +42,7 @@ import triton
 import triton.testing
 
 from toprovar_fx.kernels import fae_triton as ft
-from toprovar_fx.kernels.fae import reference_attention_entropy
+from toprovar_fx.kernels.fae import fae, reference_attention_entropy
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,34 @@ SWEEP = [
     ft.FaeConfig(64, 64, 4, 2, use_tma=True, lazy_rescale=True),
     # warp specialization last: triton 3.9 emits no ttg.warp_specialize for sm_90 (checked offline)
     ft.FaeConfig(128, 64, 8, 3, use_tma=True, warp_specialize=True),
+]
+# The final report re-times the table's neighbours (both tables' D=128 entries, pointer loads).
+FINAL_SWEEP = [
+    ft.FaeConfig(128, 128, 8, 3, use_tma=True),
+    ft.FaeConfig(64, 64, 4, 3, use_tma=True),
+    ft.FaeConfig(128, 64, 8, 3, use_tma=True),
+    ft.FaeConfig(128, 128, 8, 3),
+    ft.FaeConfig(64, 64, 4, 3),
+]
+# Quick sweeps for the other head dims' table entries: (shape, configs).
+OTHER_HEAD_DIM_SWEEPS = [
+    (
+        Shape("D=64 (VAR-d30-like heads)", 4, 16, 2304, 6425, 64),
+        [
+            ft.FaeConfig(128, 128, 8, 3, use_tma=True),
+            ft.FaeConfig(128, 64, 4, 3, use_tma=True),
+            ft.FaeConfig(64, 64, 4, 3, use_tma=True),
+            ft.FaeConfig(128, 128, 8, 4, use_tma=True),
+        ],
+    ),
+    (
+        Shape("D=256", 2, 8, 2304, 6425, 256),
+        [
+            ft.FaeConfig(64, 64, 4, 2, use_tma=True),
+            ft.FaeConfig(128, 64, 8, 2, use_tma=True),
+            ft.FaeConfig(64, 32, 4, 3, use_tma=True),
+        ],
+    ),
 ]
 # Small shapes for the GPU correctness pass over every head dim / layout / dtype.
 CHECK_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
@@ -201,15 +229,23 @@ def check_layouts(device: str, smoke: bool) -> list[dict]:
             q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), scale=scale
         )
         sdpa_rel = float((sdpa_o.double() - ref_o).norm() / ref_o.norm())
-        variants = [None]
-        if device == "cuda" and dtype == torch.bfloat16 and ft.tma_supported(q, k, v):
-            base = ft.default_config(d, dtype, q.device)
-            variants.append(ft.FaeConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, True))
-        for cfg in variants:
+        variants: list[tuple[str, ft.FaeConfig | None]] = [("table", None), ("op fae()", None)]
+        if device == "cuda" and dtype == torch.bfloat16:
+            d_pad = ft.padded_head_dim(d)
+            large = ft._TABLE_16BIT_LARGE[d_pad]
+            variants.append(("large tiles", replace(large, use_tma=ft.tma_supported(q, k, v))))
+            variants.append(("ptr loads", replace(ft.select_config(q, k, v), use_tma=False)))
+        for label, cfg in variants:
             try:
-                out, ent = ft.fae_triton(q, k, v, scale, cfg)
+                if label.startswith("op"):
+                    out, ent = fae(q, k, v, scale)
+                    _, ent_mean = fae(q, k, v, scale, head_mean=True)
+                    if (ent_mean - ent.mean(1)).abs().max() > 1e-6:
+                        raise AssertionError("head_mean differs from the mean of per-head entropy")
+                else:
+                    out, ent = ft.fae_triton(q, k, v, scale, cfg)
             except Exception as err:  # report, keep going
-                rows.append({"d": d, "dtype": str(dtype), "variant": "tma" if cfg else "table", "error": repr(err)[:200]})
+                rows.append({"d": d, "dtype": str(dtype), "variant": label, "error": repr(err)[:200]})
                 continue
             rel = float((out.double() - ref_o).norm() / ref_o.norm())
             e_err = float((ent.double() - ref_e).abs().max())
@@ -217,7 +253,7 @@ def check_layouts(device: str, smoke: bool) -> list[dict]:
                 {
                     "d": d,
                     "dtype": str(dtype).replace("torch.", ""),
-                    "variant": "tma" if cfg else "table",
+                    "variant": label if cfg is None else f"{label} ({cfg_name(cfg)})",
                     "out_rel": rel,
                     "sdpa_rel": sdpa_rel,
                     "ent_err": e_err,
@@ -308,16 +344,36 @@ def sweep_config(cfg: ft.FaeConfig, shapes: list[Shape], inputs: dict, smoke: bo
     return row
 
 
-def time_shape(s: Shape, qkv, table_cfg, best_cfg, smoke: bool, compiled_naive: bool) -> list[dict]:
+def sweep_other_head_dims(device: str) -> list[dict]:
+    """Quick sweeps behind the table entries for head dims other than 128."""
+    rows = []
+    for shape, configs in OTHER_HEAD_DIM_SWEEPS:
+        qkv = make_inputs(shape, device)
+        table = ft.select_config(*qkv)
+        for cfg in configs:
+            row = sweep_config(cfg, [shape], {shape.name: qkv}, smoke=False)
+            row["shape"] = shape.name
+            row["tflops"] = shape.flops / row[shape.name] / 1e9 if shape.name in row else None
+            row["is_table"] = cfg == table
+            rows.append(row)
+            log(f"sweep {row}")
+    return rows
+
+
+def time_shape(s: Shape, qkv, best_cfg, smoke: bool, compiled_naive: bool) -> list[dict]:
     """Time every implementation at one shape; rows for the Markdown table."""
     q, k, v = qkv
     scale = 1.0 / math.sqrt(s.head_dim)
+    table_cfg = ft.select_config(q, k, v)
     times: dict[str, float] = {}
-    times["FAE (table)"] = bench_ms(lambda: run_fae(q, k, v, scale, table_cfg), smoke)
-    if best_cfg != table_cfg:
-        times[f"FAE (best: {cfg_name(best_cfg)})"] = bench_ms(lambda: run_fae(q, k, v, scale, best_cfg), smoke)
-    times["FAE best, no entropy (ablation)"] = bench_ms(
-        lambda: run_fae(q, k, v, scale, best_cfg, entropy=False), smoke
+    times[f"FAE kernel (table: {cfg_name(table_cfg)})"] = bench_ms(lambda: run_fae(q, k, v, scale, table_cfg), smoke)
+    times["FAE public op fae(q, k, v)"] = bench_ms(lambda: fae(q, k, v), smoke)
+    if best_cfg is not None and best_cfg != table_cfg:
+        times[f"FAE (sweep best: {cfg_name(best_cfg)})"] = bench_ms(
+            lambda: run_fae(q, k, v, scale, best_cfg), smoke
+        )
+    times["FAE table config, no entropy (ablation)"] = bench_ms(
+        lambda: run_fae(q, k, v, scale, table_cfg, entropy=False), smoke
     )
     times.update(time_sdpa(q, k, v, smoke))
     try:
@@ -397,11 +453,12 @@ def main() -> int:
         del a
 
     # 1. correctness
-    table_cfg = ft.default_config(128, DTYPE, torch.device(device))
-    log(f"table config for D=128 bf16: {cfg_name(table_cfg)}")
-    checks = [check_shape(s, device, table_cfg) for s in shapes]
+    inputs = {s.name: make_inputs(s, device) for s in shapes}
+    table_cfgs = {s.name: ft.select_config(*inputs[s.name]) for s in shapes}
+    log("table configs: " + ", ".join(f"{n}: {cfg_name(c)}" for n, c in table_cfgs.items()))
+    checks = [check_shape(s, device, table_cfgs[s.name]) for s in shapes]
     if not smoke:
-        checks.append(check_shape(shapes[-1], device, ft.FaeConfig(128, 64, 8, 3, use_tma=True)))
+        checks.append(check_shape(shapes[-1], device, replace(table_cfgs[shapes[-1].name], use_tma=False)))
     for c in checks:
         log(f"check {c}")
     results["checks"] = checks
@@ -413,26 +470,28 @@ def main() -> int:
         torch.cuda.empty_cache()
     log(f"[{time.time() - t_start:.0f}s] correctness done")
 
-    # 2. sweep
+    # 2. sweep (the full one when tuning, a few neighbours of the table otherwise)
     sweep_rows = []
-    best: dict[str, tuple[float, ft.FaeConfig]] = {}
-    inputs = {s.name: make_inputs(s, device) for s in shapes}
-    if args.phase != "final":
-        for cfg in sweep:
-            row = sweep_config(cfg, shapes, inputs, smoke)
-            if "total_ms" in row and row["total_ms"] < best.get("all", (math.inf, None))[0]:
-                best["all"] = (row["total_ms"], cfg)
-            sweep_rows.append(row)
-            log(f"sweep {row}")
-        results["sweep"] = sweep_rows
-        log(f"[{time.time() - t_start:.0f}s] sweep done")
-    best_cfg = best.get("all", (None, table_cfg))[1]
-    results["best_config"] = asdict(best_cfg)
+    best: tuple[float, ft.FaeConfig | None] = (math.inf, None)
+    if args.phase == "final" and not smoke:
+        sweep = FINAL_SWEEP
+    for cfg in sweep:
+        row = sweep_config(cfg, shapes, inputs, smoke)
+        if "total_ms" in row and row["total_ms"] < best[0]:
+            best = (row["total_ms"], cfg)
+        sweep_rows.append(row)
+        log(f"sweep {row}")
+    results["sweep"] = sweep_rows
+    best_cfg = best[1] if args.phase != "final" else None
+    results["best_config"] = asdict(best_cfg) if best_cfg else None
+    if args.phase != "tune" and not smoke:
+        results["sweep_other_head_dims"] = sweep_other_head_dims(device)
+    log(f"[{time.time() - t_start:.0f}s] sweep done")
 
     # 3. main timings
     table_rows = []
     for s in shapes:
-        table_rows += time_shape(s, inputs[s.name], table_cfg, best_cfg, smoke, args.phase != "tune")
+        table_rows += time_shape(s, inputs[s.name], best_cfg, smoke, args.phase != "tune")
         log(f"[{time.time() - t_start:.0f}s] {s.name} timed")
     results["timings"] = table_rows
 
@@ -440,11 +499,13 @@ def main() -> int:
     s = shapes[-1]
     q, k, v = inputs[s.name]
     reports = {}
-    for label, cfg in (("table", table_cfg), ("best", best_cfg)):
+    kernels = [("table", table_cfgs[s.name])] + ([("sweep best", best_cfg)] if best_cfg else [])
+    kernels.append(("table, pointer loads", replace(table_cfgs[s.name], use_tma=False)))
+    for label, cfg in kernels:
         try:
             _, _, kern = run_fae(q, k, v, 1.0 / math.sqrt(s.head_dim), cfg)
             reports[f"{label}: {cfg_name(cfg)}"] = kernel_report(kern)
-            if label == "best" and args.ttgir:
+            if label == "table" and args.ttgir:
                 with open(args.ttgir, "w") as fh:
                     fh.write(kern.asm["ttgir"])
         except Exception as err:
@@ -519,6 +580,16 @@ def render_markdown(results: dict, shapes: list[Shape]) -> str:
             else:
                 lines.append(
                     f"| {r['config']} | " + " | ".join(f"{r[n]:.3f}" for n in names) + f" | {r['total_ms']:.3f} |"
+                )
+    if results.get("sweep_other_head_dims"):
+        lines += ["", "## Other head dims (quick sweep, bf16)", ""]
+        lines += ["| shape | config | ms | TFLOP/s | table entry |", "|---|---|---|---|---|"]
+        for r in results["sweep_other_head_dims"]:
+            if "error" in r:
+                lines.append(f"| {r['shape']} | {r['config']} | error: {r['error']} | | |")
+            else:
+                lines.append(
+                    f"| {r['shape']} | {r['config']} | {r[r['shape']]:.3f} | {r['tflops']:.0f} | {r['is_table']} |"
                 )
     lines += ["", "## Compiled kernel", ""]
     for label, rep in results["kernel"].items():

@@ -68,6 +68,7 @@ NVIDIA H200 (sm_90, torch 2.11 + triton 3.6) for speed and accuracy; the CPU int
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -94,9 +95,9 @@ _LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
 MIN_DOT_DIM = 16  # tl.dot needs every operand dimension >= 16
 MAX_HEAD_DIM = 256  # the largest head dim the tables below are sized for (registers, smem)
 _TMA_ALIGN_BYTES = 16  # TMA needs 16-byte aligned base pointers and non-unit strides
-# Whether the launch table prefers the TMA (tensor-descriptor) variant where it applies; set from
-# the H200 sweep in benchmarks/bench_fae.py.
-PREFER_TMA = False
+# Use the TMA (tensor-descriptor) variant wherever it applies (sm_90+, 16-byte aligned strides):
+# 5-10% faster than pointer loads at every Infinity-2B shape on the H200 sweep.
+PREFER_TMA = True
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,30 @@ class FaeConfig:
     lazy_rescale: bool = False
 
 
-# Launch table for 16-bit inputs, keyed by padded head dim. Tuned on an H200 (sm_90) with the
-# sweep in benchmarks/bench_fae.py; BLOCK_M=128 with 8 warps gives each of the two warpgroups a
-# 64-row wgmma tile. Larger head dims shrink BLOCK_N to keep q, k and v stages in shared memory.
-_TABLE_16BIT: dict[int, FaeConfig] = {
-    16: FaeConfig(128, 64, 4, 3),
-    32: FaeConfig(128, 64, 4, 3),
-    64: FaeConfig(128, 64, 4, 3),
-    128: FaeConfig(128, 64, 8, 3),
+# Launch tables for 16-bit inputs, keyed by padded head dim, from the H200 sweep in
+# benchmarks/bench_fae.py (see benchmarks/results/fae.md). Two tables, chosen by how many
+# programs the launch has, not by Lq/Lk themselves: with at least _MIN_WAVES_FOR_LARGE_TILES
+# waves of 128-row programs, 128x128 tiles with 8 warps (two warpgroups, each a 64-row wgmma
+# tile) win; with fewer, the last partial wave dominates and 64-row tiles with one warpgroup
+# (two programs per SM) win. At Infinity-2B's scale 11 (416 programs of 128 rows on 132 SMs)
+# that is 0.243 ms vs 0.275 ms; at scales 12-13 the large tiles are 2-5% faster.
+_TABLE_16BIT_LARGE: dict[int, FaeConfig] = {
+    16: FaeConfig(128, 128, 8, 3),
+    32: FaeConfig(128, 128, 8, 3),
+    64: FaeConfig(128, 128, 8, 3),
+    128: FaeConfig(128, 128, 8, 3),  # smem: q 32 KiB + 3 stages x (k + v) 64 KiB = 224 KiB
+    256: FaeConfig(64, 64, 4, 2),  # smem: q 32 KiB + 2 stages x 64 KiB
+}
+_TABLE_16BIT_SMALL: dict[int, FaeConfig] = {
+    16: FaeConfig(64, 64, 4, 3),
+    32: FaeConfig(64, 64, 4, 3),
+    64: FaeConfig(64, 64, 4, 3),
+    128: FaeConfig(64, 64, 4, 3),
     256: FaeConfig(64, 64, 4, 2),
 }
-# fp32 inputs: operands are twice as wide and use the ieee dot; halve the tiles.
+_MIN_WAVES_FOR_LARGE_TILES = 4
+# fp32 inputs: operands are twice as wide and use the ieee (FMA, not tensor-core) dot; small
+# tiles, pointer loads. fp32 is a correctness path here, not a tuned one.
 _TABLE_32BIT: dict[int, FaeConfig] = {
     16: FaeConfig(64, 64, 4, 2),
     32: FaeConfig(64, 64, 4, 2),
@@ -152,12 +166,24 @@ def padded_head_dim(head_dim: int) -> int:
     return max(MIN_DOT_DIM, triton.next_power_of_2(head_dim))
 
 
-def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> FaeConfig:
-    """Launch parameters from the table (no dependence on Lq / Lk, see the module docstring)."""
-    if interpret_mode() or device.type != "cuda":
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def select_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> FaeConfig:
+    """Launch parameters from the tables: a function of (head dim, dtype, TMA support, number of
+    128-row programs relative to the SM count), never of Lq/Lk directly (module docstring)."""
+    if interpret_mode() or q.device.type != "cuda":
         return _INTERPRET_CONFIG
-    table = _TABLE_32BIT if dtype == torch.float32 else _TABLE_16BIT
-    return table[padded_head_dim(head_dim)]
+    d_pad = padded_head_dim(q.shape[-1])
+    if q.dtype == torch.float32:
+        return _TABLE_32BIT[d_pad]
+    batch, heads_q, len_q, _ = q.shape
+    programs = triton.cdiv(len_q, _TABLE_16BIT_LARGE[d_pad].block_m) * batch * heads_q
+    many = programs >= _MIN_WAVES_FOR_LARGE_TILES * _sm_count(q.device.index or 0)
+    table = _TABLE_16BIT_LARGE if many else _TABLE_16BIT_SMALL
+    return replace(table[d_pad], use_tma=PREFER_TMA and tma_supported(q, k, v))
 
 
 def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -477,9 +503,9 @@ def _shrink(config: FaeConfig) -> FaeConfig | None:
     return None
 
 
-# (head_dim_pad, dtype, use_tma, device index) -> a configuration that launched; filled lazily
-# when a table entry had to be shrunk to fit the GPU's shared memory.
-_FITTED: dict[tuple[int, torch.dtype, bool, int], FaeConfig] = {}
+# (head_dim_pad, dtype, device index, table config) -> the configuration that launched: differs
+# from the table entry only when it had to be shrunk to fit this GPU's shared memory.
+_FITTED: dict[tuple[int, torch.dtype, int, FaeConfig], FaeConfig] = {}
 
 
 def launch_fae(
@@ -551,9 +577,9 @@ def fae_triton(
         return out, ent
     explicit = config is not None
     if config is None:
-        use_tma = PREFER_TMA and tma_supported(q, k, v)
-        key = (padded_head_dim(head_dim), q.dtype, use_tma, q.device.index or 0)
-        config = _FITTED.get(key) or replace(default_config(head_dim, q.dtype, q.device), use_tma=use_tma)
+        config = select_config(q, k, v)
+        key = (padded_head_dim(head_dim), q.dtype, q.device.index or 0, config)
+        config = _FITTED.get(key, config)
     while True:
         try:
             launch_fae(q, k, v, out, ent, scale, config)
