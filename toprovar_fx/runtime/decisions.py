@@ -48,6 +48,7 @@ class Decider:
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
         self.cached_hw: tuple[int, int] | None = None
         self.latest_full: torch.Tensor | None = None  # entropy [rows, L] of the latest dense layer
+        self.unfit: set[int] = set()  # generations in which the policy did not fit the model
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
     def start_generation(self, gen: Any) -> None:
@@ -58,12 +59,27 @@ class Decider:
         self.cached_hw = None
 
     def _resolve(self) -> Any | None:
+        """The policy's scale refs for the running schedule; None (= dense) if the policy does not fit."""
+        clock = self.session.clock
+        if clock.mismatch is not None or not clock.candidates or self.gen.index in self.unfit:
+            return None
         if self.resolved is None:
-            name = self.session.clock.candidates[0] if self.session.clock.candidates else None
-            if name is None or self.session.clock.mismatch is not None:
+            name = clock.candidates[0]
+            problems = self.policy.check_fingerprint(self.observed_fingerprint(len(self.policy.schedules[name])))
+            if problems:
+                self.unfit.add(self.gen.index)
+                self.session._policy_mismatch("the traced model does not fit the policy's fingerprint: "
+                                              + "; ".join(problems))
                 return None
             self.resolved = self.policy.resolved(name)
         return self.resolved
+
+    def observed_fingerprint(self, num_scales: int) -> dict[str, Any]:
+        """What the graphs and the clock tell about the model (family is not observable)."""
+        selfs = [s for s in self.session.sites if s.kind == "self"]
+        heads = selfs[0].heads if selfs else None
+        width = heads * selfs[0].head_dim if selfs else None
+        return {"depth": self.session.clock.depth, "heads": heads, "width": width, "num_scales": num_scales}
 
     # ----- the dispatcher's entry point -------------------------------------------------------
     def run_branch(self, spec: Any, branch: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
@@ -102,6 +118,8 @@ class Decider:
         gathered[spec.hidden] = gather_tokens(x, idx, 1)
         for i, dim in spec.positional:
             gathered[i] = gather_tokens(inputs[i], idx, dim)
+        for i in spec.token_sizes:
+            gathered[i] = int(idx.shape[1])
         outs = branch(*gathered)
         self._record(spec, outs, tick, full=False)
         self._account(spec, tick, "prune_tokens", int(idx.shape[1]))

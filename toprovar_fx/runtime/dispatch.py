@@ -27,6 +27,7 @@ class BranchSpec:
     kind: str  # self_attn | cross_attn | ffn
     hidden: int
     positional: tuple[tuple[int, int], ...]  # (input index, token dim)
+    token_sizes: tuple[int, ...]  # input indices holding the token count (a SymInt) -> k when pruned
     n_escapes: int
     escape_skip: tuple[int, ...]  # input index whose value each escape takes when skipped
     site_ids: tuple[int, ...]  # attention sites inside, their entropies follow the escapes

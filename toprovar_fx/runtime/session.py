@@ -137,9 +137,17 @@ class Session:
             gen.tokens[t.scale] = tokens
             gen.hw[t.scale] = self.clock.hw(t.scale, tokens)
             gen.rows = rows
-            if self.clock.mismatch is not None and self.policy is not None:
-                self.fallback(self.clock.mismatch)
+            if self.clock.mismatch is not None and self.policy is not None and t.scale == len(self.clock.token_history) - 1:
+                self._policy_mismatch(self.clock.mismatch)
         return t
+
+    def _policy_mismatch(self, message: str) -> None:
+        """The policy does not fit what runs: raise (strict / on_mismatch: error) or go dense."""
+        if message in self.gen.fallbacks:
+            return
+        if self.settings.strict or self.policy.fallback.on_mismatch == "error":
+            raise RuntimeError(f"toprovar: policy {self.policy.name!r} ({self.policy.source}): {message}")
+        self.fallback(f"policy {self.policy.name!r}: {message}; running dense")
 
     def record_attention(self, site_id: int, entropy: torch.Tensor, tick: Tick | None = None) -> None:
         """An attention site produced head-mean entropy ``[rows, Lq]``."""
