@@ -123,9 +123,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
         work = run_passes(_copy_graph_module(gm), ctx)
         fn: Callable = work.forward
         if _wants_inductor(settings, example_inputs):
-            from torch._inductor.compile_fx import compile_fx
+            if any(n.op == "get_attr" and n.target.startswith("toprovar_branch_") for n in work.graph.nodes):
+                # The dispatcher decides in Python at run time; tracing it with fake tensors would
+                # freeze one decision into the compiled code. Such graphs run as rewritten FX.
+                log.info("toprovar: graph %d holds branch dispatch; not handed to Inductor", graph_id)
+            else:
+                from torch._inductor.compile_fx import compile_fx
 
-            fn = compile_fx(work, example_inputs)
+                fn = compile_fx(work, example_inputs)
         runner: Callable = GraphRunner(session, fn, ctx.hoisted, ctx.n_outputs, ctx.outputs_sequence)
     except Exception as err:  # noqa: BLE001 - any failure must fall back to the traced graph
         if settings.strict:
