@@ -42,7 +42,7 @@ import triton
 import triton.testing
 
 from toprovar_fx.kernels import fae_triton as ft
-from toprovar_fx.kernels.fae import fae, reference_attention_entropy
+from toprovar_fx.kernels.fae import FAE_OP, fae, reference_attention_entropy, validate_fae_inputs
 
 
 @dataclass(frozen=True)
@@ -344,6 +344,43 @@ def sweep_config(cfg: ft.FaeConfig, shapes: list[Shape], inputs: dict, smoke: bo
     return row
 
 
+HOST_OVERHEAD_CALLS = 300
+
+
+def host_overhead_us(device: str) -> dict[str, float]:
+    """Host (CPU) time per call at a tiny shape, where the GPU work is negligible."""
+    s = Shape("tiny", 1, 2, 16, 64, 64)
+    q, k, v = make_inputs(s, device)
+    cfg = ft.select_config(q, k, v)
+    out = torch.empty_like(q)
+    ent = torch.empty(q.shape[:3], dtype=torch.float32, device=device)
+    fns = {
+        f"launch_fae, preallocated ({cfg_name(cfg)})": lambda: ft.launch_fae(q, k, v, out, ent, 0.125, cfg),
+        "launch_fae, preallocated, pointer loads": lambda: ft.launch_fae(
+            q, k, v, out, ent, 0.125, replace(cfg, use_tma=False)
+        ),
+        "validate_fae_inputs only": lambda: validate_fae_inputs(q, k, v, None),
+        "fae_triton (select config + alloc + launch)": lambda: ft.fae_triton(q, k, v, 0.125),
+        "torch.ops.toprovar.fae (custom op)": lambda: FAE_OP(q, k, v, None, False),
+        "fae() public API": lambda: fae(q, k, v),
+        "torch SDPA (for comparison)": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
+    res = {}
+    for name, fn in fns.items():
+        for _ in range(10):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(HOST_OVERHEAD_CALLS):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        res[name] = (time.perf_counter() - t0) / HOST_OVERHEAD_CALLS * 1e6
+        log(f"host overhead {name}: {res[name]:.1f} us/call")
+    return res
+
+
 def sweep_other_head_dims(device: str) -> list[dict]:
     """Quick sweeps behind the table entries for head dims other than 128."""
     rows = []
@@ -486,6 +523,7 @@ def main() -> int:
     results["best_config"] = asdict(best_cfg) if best_cfg else None
     if args.phase != "tune" and not smoke:
         results["sweep_other_head_dims"] = sweep_other_head_dims(device)
+        results["host_overhead_us"] = host_overhead_us(device)
     log(f"[{time.time() - t_start:.0f}s] sweep done")
 
     # 3. main timings
@@ -591,6 +629,10 @@ def render_markdown(results: dict, shapes: list[Shape]) -> str:
                 lines.append(
                     f"| {r['shape']} | {r['config']} | {r[r['shape']]:.3f} | {r['tflops']:.0f} | {r['is_table']} |"
                 )
+    if results.get("host_overhead_us"):
+        lines += ["", "## Host overhead per call (tiny shape 1x2x16x64, Lk 64; CPU-bound)", ""]
+        lines += ["| path | us / call |", "|---|---|"]
+        lines += [f"| {name} | {us:.1f} |" for name, us in results["host_overhead_us"].items()]
     lines += ["", "## Compiled kernel", ""]
     for label, rep in results["kernel"].items():
         lines.append(f"- {label}: " + ", ".join(f"{k}={v}" for k, v in rep.items()))

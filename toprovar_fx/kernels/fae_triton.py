@@ -120,19 +120,21 @@ class FaeConfig:
     lazy_rescale: bool = False
 
 
-# Launch tables for 16-bit inputs, keyed by padded head dim, from the H200 sweep in
+# Launch tables for 16-bit inputs, keyed by padded head dim, from the H200 sweeps in
 # benchmarks/bench_fae.py (see benchmarks/results/fae.md). Two tables, chosen by how many
 # programs the launch has, not by Lq/Lk themselves: with at least _MIN_WAVES_FOR_LARGE_TILES
-# waves of 128-row programs, 128x128 tiles with 8 warps (two warpgroups, each a 64-row wgmma
-# tile) win; with fewer, the last partial wave dominates and 64-row tiles with one warpgroup
-# (two programs per SM) win. At Infinity-2B's scale 11 (416 programs of 128 rows on 132 SMs)
-# that is 0.243 ms vs 0.275 ms; at scales 12-13 the large tiles are 2-5% faster.
+# waves of 128-row programs, D=128 runs fastest with 128x128 tiles and 8 warps (two
+# warpgroups, each a 64-row wgmma tile); with fewer, the last partial wave dominates and 64-row
+# tiles with one warpgroup (two programs per SM) win. At Infinity-2B's scale 11 (416 programs of
+# 128 rows on 132 SMs) that is 0.245 ms vs 0.275 ms; at scales 12-13 the large tiles are 8-9%
+# faster. D <= 64 prefers 64x64 tiles at any size (0.625 vs 0.707 ms at 4x16x2304x64, Lk 6425),
+# D=256 prefers 128x64 tiles with 8 warps when the launch is large (0.622 vs 0.771 ms).
 _TABLE_16BIT_LARGE: dict[int, FaeConfig] = {
-    16: FaeConfig(128, 128, 8, 3),
-    32: FaeConfig(128, 128, 8, 3),
-    64: FaeConfig(128, 128, 8, 3),
+    16: FaeConfig(64, 64, 4, 3),
+    32: FaeConfig(64, 64, 4, 3),
+    64: FaeConfig(64, 64, 4, 3),
     128: FaeConfig(128, 128, 8, 3),  # smem: q 32 KiB + 3 stages x (k + v) 64 KiB = 224 KiB
-    256: FaeConfig(64, 64, 4, 2),  # smem: q 32 KiB + 2 stages x 64 KiB
+    256: FaeConfig(128, 64, 8, 2),  # smem: q 64 KiB + 2 stages x (k + v) 64 KiB = 192 KiB
 }
 _TABLE_16BIT_SMALL: dict[int, FaeConfig] = {
     16: FaeConfig(64, 64, 4, 3),
