@@ -46,6 +46,7 @@ class ResidualBranch:
     inputs: list[fx.Node]  # region inputs in first-use order; includes x
     kind: str  # self_attn | cross_attn | ffn
     positional: list[tuple[fx.Node, int]] = field(default_factory=list)  # (input, token dim)
+    token_sizes: list[fx.Node] = field(default_factory=list)  # SymInt inputs equal to the token count
     escapes: list[fx.Node] = field(default_factory=list)  # region nodes used outside
     escape_skip: list[fx.Node | None] = field(default_factory=list)  # value of each escape when skipped
     linear_flops_per_token: float = 0.0
@@ -104,6 +105,12 @@ def _skip_value(escape: fx.Node, region_set: set[fx.Node]) -> fx.Node | None:
     return None
 
 
+def _free_symbols(v) -> set:
+    node = getattr(v, "node", None)
+    expr = getattr(node, "expr", None)
+    return set(getattr(expr, "free_symbols", ()))
+
+
 def _positional_dim(node: fx.Node, tokens) -> int | None:
     shape = _shape(node)
     if shape is None or len(shape) < 2:
@@ -135,6 +142,8 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
             continue
         desc_x = nx.descendants(g, x)
         region_set = (desc_x & nx.ancestors(g, delta)) | {delta}
+        # the entropy output of a rewritten attention belongs to its branch
+        region_set |= {u for n in region_set if n.op == "call_function" and n.target is FAE_OP for u in n.users}
         region = sorted(region_set, key=order.__getitem__)
         kind, pair = _branch_kind(region, x, desc_x)
         if kind is None:
@@ -147,7 +156,16 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
         br = ResidualBranch(node, x, delta, region, inputs, kind, attention_pair_flops=pair)
         br.linear_flops_per_token = sum(linear_flops(n) for n in region)
         tokens = sa[1]
+        if isinstance(tokens, int):
+            br.prunable, br.why_not = False, f"the token count is static ({tokens}) in this graph"
         for inp in inputs:
+            val = example_value(inp)
+            if isinstance(val, torch.SymInt):
+                if _same_size(val, tokens):
+                    br.token_sizes.append(inp)
+                elif _free_symbols(val) & _free_symbols(tokens):
+                    br.prunable, br.why_not = False, f"input {inp.name} = {val} depends on the token count"
+                continue
             if inp is x or is_static_input(inp) or any(
                 u.op == "call_function" and u.target in _CAT_FUNCS for u in inp.users if u in region_set
             ):

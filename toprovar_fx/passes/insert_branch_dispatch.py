@@ -47,9 +47,15 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     done = 0
     session = ctx.session
+    replaced: dict[fx.Node, fx.Node] = {}  # nodes of earlier branches -> their dispatcher outputs
     for i, br in enumerate(ctx.branches):
         if not br.prunable:
             continue
+        br.inputs = [replaced.get(n, n) for n in br.inputs]
+        br.x = replaced.get(br.x, br.x)
+        br.positional = [(replaced.get(n, n), d) for n, d in br.positional]
+        br.token_sizes = [replaced.get(n, n) for n in br.token_sizes]
+        br.escape_skip = [replaced.get(n, n) for n in br.escape_skip]
         region = set(br.region)
         inside = [ent for _, ent in ctx.rewritten if ent in region]
         name = f"toprovar_branch_{ctx.graph_id}_{i}"
@@ -59,6 +65,7 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             kind=br.kind,
             hidden=br.inputs.index(br.x),
             positional=tuple((br.inputs.index(n), d) for n, d in br.positional),
+            token_sizes=tuple(br.inputs.index(n) for n in br.token_sizes),
             n_escapes=len(br.escapes),
             escape_skip=tuple(br.inputs.index(s) for s in br.escape_skip),
             site_ids=tuple(ctx.site_ids[e] for e in inside),
@@ -73,9 +80,11 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             outs = [graph.call_function(operator.getitem, (call, j + 1)) for j in range(len(br.escapes))]
         x_new.meta = dict(br.add.meta)
         br.add.replace_all_uses_with(x_new)
+        replaced[br.add] = x_new
         for esc, new in zip(br.escapes, outs):
             new.meta = dict(esc.meta)
             esc.replace_all_uses_with(new, delete_user_cb=lambda u, r=region: u not in r)
+            replaced[esc] = new
         graph.erase_node(br.add)
         for n in reversed(br.region):
             if not n.users:
