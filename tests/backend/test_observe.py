@@ -79,3 +79,15 @@ def test_entropy_is_exactly_recorded_per_layer():
             # at most log of the keys seen so far: the cumulative token count
             lk = sum(t.tokens for t in rep.scales[: s.index + 1])
             assert float(ent.max()) <= torch.log(torch.tensor(float(lk))) + 1e-4
+
+
+def test_compiling_the_module_whose_forward_samples():
+    """Infinity's ``forward(..., cfg_infer=True)`` is the sampler: ``torch.compile(model)`` works too."""
+    m = model("infinity-tiny")
+    cond = m.encode_prompts(["a red cat on a mat"])
+    _, ref = m(cond, B=1, g_seed=7, cfg_list=3.0, cfg_infer=True, return_logits=True)
+    fast = torch.compile(m, backend="toprovar", options={"policy": "infinity-tiny-keepall"})
+    _, got = fast(cond, B=1, g_seed=7, cfg_list=3.0, cfg_infer=True, return_logits=True)
+    assert max_rel_diff(got, ref) <= 1e-5
+    rep = toprovar_fx.last_generation()
+    assert rep.fallbacks == [] and rep.depth == m.fingerprint()["depth"]
