@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .find_attention import find_attention
 from .find_residual_branches import find_residual_branches
+from .gate_scale_accumulation import gate_scale_accumulation
 from .hoist_entropy_outputs import hoist_entropy_outputs
 from .insert_branch_dispatch import insert_branch_dispatch
 from .rewrite_attention import rewrite_attention
@@ -14,4 +15,5 @@ PRUNE_PASSES = [
     find_residual_branches,
     insert_branch_dispatch,
     hoist_entropy_outputs,
+    gate_scale_accumulation,
 ]

@@ -174,6 +174,8 @@ class Decider:
         res = self._resolve()
         if res is None or tick.scale == 0:
             return "keep", None
+        if self._scale_skipped(res, tick.scale):
+            return "skip", None
         self._maybe_classify(res, tick)
         cur = self.cur
         measure = self.policy.scale.measure_layer
@@ -195,6 +197,31 @@ class Decider:
         if k is None or k >= int(x.shape[1]):
             return "keep", None
         return "prune_tokens", self._indices(x, k, tick)
+
+    def _scale_skipped(self, res, scale: int) -> bool:
+        """Whether the whole scale is skipped (listed in skip_scales, or after D in skip_after_D)."""
+        gen = self.gen
+        if scale in gen.skipped:
+            return True
+        after_d = self.policy.scale.mode == "skip_after_D" and gen.start_scale is not None and scale > gen.start_scale
+        if scale not in res.skip_scales and not after_d:
+            return False
+        if gen.accumulations == 0:
+            # Skipping the transformer without gating the accumulation would add garbage tokens.
+            self.session.fallback(
+                f"policy {self.policy.name!r} skips scale {scale + 1}, but this sampler accumulates scales "
+                "outside the compiled graphs, so the scale cannot be skipped; it runs"
+            )
+            return False
+        gen.skipped.add(scale)
+        return True
+
+    def accumulate(self, acc: torch.Tensor, delta: torch.Tensor) -> bool:
+        """Called by the gated accumulation after a scale's transformer: add this scale's map?"""
+        if self.gen is None:
+            return True
+        self.gen.accumulations += 1
+        return self.tick is None or self.tick.scale not in self.gen.skipped
 
     def _overridden(self, spec, tick):
         dec = self.override.get((tick.scale, tick.layer))

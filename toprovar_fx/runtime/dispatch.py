@@ -38,3 +38,11 @@ class BranchSpec:
 def dispatch_branch(session_id: int, spec_id: int, branch: torch.nn.Module, *inputs: torch.Tensor) -> tuple[Any, ...]:
     session = get_session(session_id)
     return session.decider.run_branch(session.branches[spec_id], branch, inputs)
+
+
+def accumulate_scale(session_id: int, acc: torch.Tensor, delta: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The sampler's residual accumulation: ``acc + delta``, or ``acc`` while a scale is skipped."""
+    session = get_session(session_id)
+    if session.decider is not None and session.decider.accumulate(acc, delta):
+        return acc.add_(delta) if inplace else acc + delta
+    return acc

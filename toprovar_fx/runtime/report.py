@@ -26,6 +26,7 @@ class ScaleReport:
     tokens: int
     rho: float | None = None  # fraction of tokens with entropy below the mean, at the measured layer
     pruning_active: bool = False
+    skipped: bool = False  # the whole scale was skipped (no transformer work, nothing accumulated)
     layers: list[LayerReport] = field(default_factory=list)
     flops_dense: float = 0.0
     flops_executed: float = 0.0

@@ -62,6 +62,8 @@ class GenerationState:
     actions: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
     rho: dict[int, float] = field(default_factory=dict)
     active: dict[int, bool] = field(default_factory=dict)
+    skipped: set[int] = field(default_factory=set)  # scales whose token maps were not accumulated
+    accumulations: int = 0  # gated accumulations run in this generation
     start_scale: int | None = None
     layer_scores: dict[int, float] = field(default_factory=dict)  # layer -> R
     layer_classes: dict[int, str] = field(default_factory=dict)
@@ -79,6 +81,7 @@ class Session:
         self.clock = ScaleClock(schedules)
         self.sites: list[SiteInfo] = []
         self.branches: list[Any] = []  # BranchSpec, indexed by spec id
+        self.accumulation_sites = 0  # gated scale accumulations found in graphs
         self.graphs = 0
         self.compile_seconds = 0.0
         self.attention_kinds: dict[str, int] = {}
@@ -215,7 +218,7 @@ class Session:
         for s in sorted(gen.tokens):
             h, w = gen.hw[s]
             sr = ScaleReport(index=s, h=h, w=w, tokens=gen.tokens[s], rho=gen.rho.get(s),
-                             pruning_active=gen.active.get(s, False))
+                             pruning_active=gen.active.get(s, False), skipped=s in gen.skipped)
             layers = sorted({layer for (sc, layer) in gen.flops if sc == s})
             for layer in layers:
                 action, kept = gen.actions.get((s, layer), ("keep", None))
