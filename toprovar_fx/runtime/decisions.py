@@ -123,6 +123,9 @@ class Decider:
         outs = branch(*gathered)
         self._record(spec, outs, tick, full=False)
         self._account(spec, tick, "prune_tokens", int(idx.shape[1]))
+        # kept positions for pictures (`toprovar inspect`): the device tensor, no host sync; the
+        # first pruned sublayer of a block stands for the block
+        self.gen.kept_idx.setdefault((tick.scale, tick.layer), idx)
         restore = self.policy.restore
         if restore.mode == "identity":
             x_new = restore_identity(x, idx, outs[0])

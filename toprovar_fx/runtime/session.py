@@ -60,6 +60,7 @@ class GenerationState:
     rows: int = 0
     flops: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (scale, layer) -> [dense, executed]
     actions: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
+    kept_idx: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (scale, layer) -> [rows, k] kept positions (device)
     rho: dict[int, float] = field(default_factory=dict)
     active: dict[int, bool] = field(default_factory=dict)
     skipped: set[int] = field(default_factory=set)  # scales whose token maps were not accumulated
