@@ -47,12 +47,14 @@ class ResidualBranch:
     kind: str  # self_attn | cross_attn | ffn
     positional: list[tuple[fx.Node, int]] = field(default_factory=list)  # (input, token dim)
     token_sizes: list[fx.Node] = field(default_factory=list)  # SymInt inputs equal to the token count
+    batch_sizes: list[fx.Node] = field(default_factory=list)  # SymInt inputs equal to the rows
     escapes: list[fx.Node] = field(default_factory=list)  # region nodes used outside
     escape_skip: list[fx.Node | None] = field(default_factory=list)  # value of each escape when skipped
     linear_flops_per_token: float = 0.0
     attention_pair_flops: float = 0.0  # 4 * H * D for the self-attention, per (query, key) pair
     prunable: bool = True
     why_not: str = ""
+    batch_static: bool = True  # the batch (rows) dimension is a literal in this graph
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -156,6 +158,7 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
         br = ResidualBranch(node, x, delta, region, inputs, kind, attention_pair_flops=pair)
         br.linear_flops_per_token = sum(linear_flops(n) for n in region)
         tokens = sa[1]
+        br.batch_static = isinstance(sa[0], int)
         if isinstance(tokens, int):
             br.prunable, br.why_not = False, f"the token count is static ({tokens}) in this graph"
         for inp in inputs:
@@ -163,8 +166,10 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
             if isinstance(val, torch.SymInt):
                 if _same_size(val, tokens):
                     br.token_sizes.append(inp)
-                elif _free_symbols(val) & _free_symbols(tokens):
-                    br.prunable, br.why_not = False, f"input {inp.name} = {val} depends on the token count"
+                elif _same_size(val, sa[0]):
+                    br.batch_sizes.append(inp)
+                elif _free_symbols(val) & (_free_symbols(tokens) | _free_symbols(sa[0])):
+                    br.prunable, br.why_not = False, f"input {inp.name} = {val} depends on the token count or the rows"
                 continue
             if inp is x or is_static_input(inp) or any(
                 u.op == "call_function" and u.target in _CAT_FUNCS for u in inp.users if u in region_set

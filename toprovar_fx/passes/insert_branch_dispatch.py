@@ -25,7 +25,7 @@ import torch.fx as fx
 from ..runtime.dispatch import BranchSpec, dispatch_branch
 from .context import PassContext, PassResult
 from .find_residual_branches import ResidualBranch
-from .graph_utils import finalize
+from .graph_utils import finalize, is_static_input
 
 
 def _outline(gm: fx.GraphModule, br: ResidualBranch, name: str, entropies: list[fx.Node]) -> fx.GraphModule:
@@ -55,6 +55,7 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         br.x = replaced.get(br.x, br.x)
         br.positional = [(replaced.get(n, n), d) for n, d in br.positional]
         br.token_sizes = [replaced.get(n, n) for n in br.token_sizes]
+        br.batch_sizes = [replaced.get(n, n) for n in br.batch_sizes]
         br.escape_skip = [replaced.get(n, n) for n in br.escape_skip]
         region = set(br.region)
         inside = [ent for _, ent in ctx.rewritten if ent in region]
@@ -66,6 +67,9 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             hidden=br.inputs.index(br.x),
             positional=tuple((br.inputs.index(n), d) for n, d in br.positional),
             token_sizes=tuple(br.inputs.index(n) for n in br.token_sizes),
+            batch_inputs=tuple(i for i, n in enumerate(br.inputs) if not is_static_input(n)),
+            batch_static=br.batch_static,
+            batch_sizes=tuple(br.inputs.index(n) for n in br.batch_sizes),
             n_escapes=len(br.escapes),
             escape_skip=tuple(br.inputs.index(s) for s in br.escape_skip),
             site_ids=tuple(ctx.site_ids[e] for e in inside),

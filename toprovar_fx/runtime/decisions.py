@@ -49,6 +49,7 @@ class Decider:
         self.cached_hw: tuple[int, int] | None = None
         self.latest_full: torch.Tensor | None = None  # entropy [rows, L] of the latest dense layer
         self.unfit: set[int] = set()  # generations in which the policy did not fit the model
+        self.row_fraction = 1.0  # 0.5 while only the cond half of a CFG batch runs
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
     def start_generation(self, gen: Any) -> None:
@@ -93,6 +94,44 @@ class Decider:
         tick = self.tick
         if tick is None:  # a branch before any self-attention (never in VAR blocks): run it
             return self._keep(spec, branch, inputs, x, None)
+        if self._reuses_cond(spec, tick, x):
+            return self._cond_only(spec, branch, inputs, x, tick)
+        return self._act(spec, branch, inputs, x, tick)
+
+    def _reuses_cond(self, spec, tick, x: torch.Tensor) -> bool:
+        """SkipVAR's CFG shortcut: from ``cfg.reuse_cond_from`` on, uncond rows copy the cond rows."""
+        if self.override is not None or self.policy.cfg.reuse_cond_from is None:
+            return False
+        res = self._resolve()
+        if res is None or tick.scale < res.reuse_cond_from or x.shape[0] % 2:
+            return False
+        if spec.batch_static:
+            self.session.fallback(
+                f"policy {self.policy.name!r}: cfg.reuse_cond_from needs graphs whose batch size is "
+                "symbolic, but Dynamo specialised them to the batch of the first call; compile with "
+                "torch.compile(..., dynamic=True) to use it. Both CFG halves run"
+            )
+            return False
+        return True
+
+    def _cond_only(self, spec, branch, inputs, x, tick):
+        """Run the branch on the cond half (rows first) and give the uncond half the same result."""
+        b = int(x.shape[0]) // 2
+        half = tuple(
+            b if i in spec.batch_sizes
+            else t[:b] if i in spec.batch_inputs and isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 2 * b
+            else t
+            for i, t in enumerate(inputs)
+        )
+        self.row_fraction = 0.5
+        try:
+            outs = self._act(spec, branch, half, half[spec.hidden], tick)
+        finally:
+            self.row_fraction = 1.0
+        return tuple(torch.cat((o, o), 0) if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == b else o
+                     for o in outs)
+
+    def _act(self, spec, branch, inputs, x, tick):
         action, idx = self._decide(spec, tick, x)
         if action == "skip":
             self._account(spec, tick, "skip", 0)
@@ -136,7 +175,7 @@ class Decider:
                     f"toprovar: no branch output recorded at the cached scale for layer {tick.layer} "
                     f"{spec.kind}; restore.cached_scale must precede every pruned scale"
                 )
-            x_new = restore_cached(x, idx, outs[0], cached, self.cached_hw, self.gen.hw[tick.scale],
+            x_new = restore_cached(x, idx, outs[0], cached[: x.shape[0]], self.cached_hw, self.gen.hw[tick.scale],
                                    restore.interpolation)
         return (x_new, *outs[1:1 + spec.n_escapes])
 
@@ -161,6 +200,7 @@ class Decider:
             dense += rows * spec.attention_pair_flops * n * lk_dense
             executed += rows * spec.attention_pair_flops * run_tokens * lk_exec
             gen.actions[key] = (action, None if action == "keep" else run_tokens)
+        executed *= self.row_fraction
         acc = gen.flops.setdefault(key, [0.0, 0.0])
         acc[0] += dense
         acc[1] += executed

@@ -28,6 +28,9 @@ class BranchSpec:
     hidden: int
     positional: tuple[tuple[int, int], ...]  # (input index, token dim)
     token_sizes: tuple[int, ...]  # input indices holding the token count (a SymInt) -> k when pruned
+    batch_inputs: tuple[int, ...]  # input indices that are not parameters/buffers (may carry batch rows)
+    batch_static: bool  # the graph was specialised to its batch size (rows cannot be dropped)
+    batch_sizes: tuple[int, ...]  # input indices holding the rows (a SymInt) -> halved for cond-only
     n_escapes: int
     escape_skip: tuple[int, ...]  # input index whose value each escape takes when skipped
     site_ids: tuple[int, ...]  # attention sites inside, their entropies follow the escapes
