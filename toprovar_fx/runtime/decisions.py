@@ -31,7 +31,7 @@ class ScaleDecisions:
     active: bool = False
     decided: bool = False
     kept: dict[int, int] = field(default_factory=dict)  # layer -> k (entropy / ratio selection)
-    order: torch.Tensor | None = None  # token order, lowest entropy first ([rows, L])
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> kept positions [rows, k]
 
 
 class Decider:
@@ -50,6 +50,7 @@ class Decider:
         self.latest_full: torch.Tensor | None = None  # entropy [rows, L] of the latest dense layer
         self.unfit: set[int] = set()  # generations in which the policy did not fit the model
         self.row_fraction = 1.0  # 0.5 while only the cond half of a CFG batch runs
+        self._needs_entropy = policy.scale.criterion == "rho" or policy.token.selection == "entropy"
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
     def start_generation(self, gen: Any) -> None:
@@ -221,9 +222,8 @@ class Decider:
             return "skip", None
         self._maybe_classify(res, tick)
         cur = self.cur
-        measure = self.policy.scale.measure_layer
-        if tick.layer <= measure:
-            return "keep", None
+        if self._needs_entropy and tick.layer <= self.policy.scale.measure_layer:
+            return "keep", None  # the scale's decisions wait for the measured layer's entropy
         if not cur.decided:
             self._decide_scale(res, tick)
         if not cur.active:
@@ -239,7 +239,12 @@ class Decider:
         k = cur.kept.get(tick.layer)
         if k is None or k >= int(x.shape[1]):
             return "keep", None
-        return "prune_tokens", self._indices(x, k, tick)
+        if self.policy.token.select_per == "sublayer":
+            return "prune_tokens", self._indices(x, k, tick)
+        idx = cur.indices.get(tick.layer)  # select_per: block -> one choice for all sublayers
+        if idx is None or idx.shape[0] != x.shape[0]:
+            idx = cur.indices[tick.layer] = self._indices(x, k, tick)
+        return "prune_tokens", idx
 
     def _scale_skipped(self, res, scale: int) -> bool:
         """Whether the whole scale is skipped (listed in skip_scales, or after D in skip_after_D)."""
@@ -375,10 +380,11 @@ class Decider:
             g = torch.Generator(device="cpu").manual_seed(tok.seed * 100003 + tick.scale * 1009 + tick.layer)
             idx = torch.randperm(n, generator=g)[:k].to(x.device).expand(rows, k)
         else:
-            ent = self.latest_full if self.latest_full is not None else self.gen.entropy.get(
-                (tick.scale, self.policy.scale.measure_layer))
+            measured = self.gen.entropy.get((tick.scale, self.policy.scale.measure_layer))
+            latest = tok.entropy_source == "latest_full" and self.latest_full is not None
+            ent = self.latest_full if latest else measured
             if tok.cfg == "shared":
                 idx = ent.float().mean(0).topk(k, largest=False).indices.expand(rows, k)
             else:
-                idx = ent.float().topk(k, dim=1, largest=False).indices
+                idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
         return idx.sort(dim=1).values
