@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from toprovar_fx.policies import Policy, PolicyError, list_policies, load_policy
+from toprovar_fx.policies import Policy, PolicyError
 
-from .models import ModelAdapter, ToolError, load_model
+from .models import ModelAdapter, ToolError, load_model, load_policy_arg
 from .progress import progress
 
 __all__ = ["BenchResult", "Variant", "bench_policies", "environment", "parse_variants"]
@@ -69,13 +69,8 @@ def parse_variants(spec: str | Sequence[str]) -> list[Variant]:
         if item == "observe":
             out.append(Variant("observe", "observe"))
             continue
-        name, preset = item, None
-        if not item.endswith((".yaml", ".yml")) and ":" in item:
-            base, _, pre = item.rpartition(":")
-            if base in list_policies() or base.endswith((".yaml", ".yml")):
-                name, preset = base, pre
         try:
-            pol = load_policy(name, preset=preset)
+            pol = load_policy_arg(item)
         except PolicyError as e:
             raise ToolError(str(e)) from None
         out.append(Variant(item, "policy", pol))
@@ -265,6 +260,7 @@ def bench_policies(
     dtype: torch.dtype = torch.float32,
     out: str | Path | None = None,
     kv_probe: bool = True,
+    dynamic: bool | None = None,
     show_progress: bool = False,
 ) -> BenchResult:
     """Benchmark ``variants`` on ``model`` (module docstring); with ``out`` write bench.md and bench.json."""
@@ -309,7 +305,8 @@ def bench_policies(
                         opts.update(mode="observe", schedules=adapter.schedules or {})
                     else:
                         opts["policy"] = v.policy.to_dict()
-                    fns[v.label] = torch.compile(adapter.sampler, backend="toprovar", options=opts)
+                    fns[v.label] = torch.compile(adapter.sampler, backend="toprovar", options=opts,
+                                                 dynamic=dynamic)
             first: dict[str, float] = {}
             backend_compile: dict[str, float] = {}
             for v in vs:
@@ -420,6 +417,7 @@ def bench_policies(
         "first_call": "Dynamo tracing + toprovar passes (+ Inductor on CUDA) + one generation; eager dense: "
                       "one cold generation",
         "pretrained": bool(adapter.extra.get("pretrained", False)),
+        "dynamic": dynamic,
     }
     if not res.settings["pretrained"] and adapter.family != "custom":
         res.notes.append("random weights: attention is near-uniform, so entropy-driven decisions mean little "

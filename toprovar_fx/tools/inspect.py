@@ -83,6 +83,7 @@ def inspect_policy(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     dense: bool = True,
+    dynamic: bool | None = None,
     show_progress: bool = False,
 ) -> InspectResult:
     """Generate once with ``policy`` and write the pictures and page listed in the module docstring."""
@@ -102,7 +103,8 @@ def inspect_policy(
     steps = 3 if dense else 2
     with progress(steps, "inspect", show_progress) as bar:
         bar.set_note("compiling and generating with the policy")
-        fast = torch.compile(adapter.sampler, backend="toprovar", options={"policy": pol.to_dict()})
+        fast = torch.compile(adapter.sampler, backend="toprovar", options={"policy": pol.to_dict()},
+                             dynamic=dynamic)
         gen = adapter.generate(fast, prepared, seed)
         rep = toprovar_fx.last_generation()
         sess = last_session()

@@ -40,6 +40,7 @@ __all__ = [
     "ToolError",
     "check_model_spec",
     "load_model",
+    "load_policy_arg",
     "parse_condition",
     "parse_dtype",
     "read_prompts",
@@ -216,6 +217,21 @@ def parse_condition(text: str | None) -> int | str | None:
         return int(text)
     except ValueError:
         return text
+
+
+def load_policy_arg(spec: str, preset: str | None = None) -> Any:
+    """A ``--policy`` value: a shipped name, ``NAME:PRESET``, or a YAML path (``PATH.yaml:PRESET``
+    too); ``preset`` (``--preset``) applies when the spec names none. Raises ``PolicyError``."""
+    from toprovar_fx.policies import list_policies, load_policy
+
+    name, pre = spec, None
+    if not spec.endswith((".yaml", ".yml")) and ":" in spec:
+        base, _, tail = spec.rpartition(":")
+        if base in list_policies() or base.endswith((".yaml", ".yml")):
+            name, pre = base, tail
+    if pre is not None and preset is not None and pre != preset:
+        raise ToolError(f"policy {spec!r} names preset {pre!r} but --preset is {preset!r}")
+    return load_policy(name, preset=pre if pre is not None else preset)
 
 
 def check_model_spec(spec: str) -> None:

@@ -11,7 +11,8 @@ The plan mirrors the runtime's decisions (``runtime/decisions.py``) and its FLOP
 * Scale 0, every layer up to ``scale.measure_layer`` (when entropy decides anything: criterion
   ``rho`` or selection ``entropy``), layers outside ``layer.layers`` and sublayers outside
   ``token.sublayers`` run on all tokens; ``skip_scales`` (and every scale after
-  ``D`` with ``skip_after_D``) run no block at all.
+  ``D`` with ``skip_after_D``) run no block at all; from ``cfg.reuse_cond_from`` on only the
+  conditional half of the rows runs (where the runtime can apply it: a symbolic batch).
 * Decisions that depend on entropy are *ranges* unless a calibration file is given: the start
   scale ``D`` lies in ``[min_start_scale, max_start_scale]`` (it is forced at
   ``max_start_scale``); with ``layer.mode: online`` any eligible layer may turn out Detail; the
@@ -176,6 +177,7 @@ class _Scenario:
     classes: dict[int, str]  # layer -> global | detail
     scores: dict[int, float]  # layer -> R
     kept: Any  # callable (scale, layer, r) -> k or None
+    reuse_cond: bool = True  # cfg.reuse_cond_from takes effect (needs a symbolic batch dimension)
 
 
 @dataclass
@@ -204,6 +206,9 @@ def _simulate(policy: Policy, res: ResolvedScales, depth: int, bf: BlockFlops, r
         skipped = s > 0 and (s in res.skip_scales or (pol.scale.mode == "skip_after_D" and sc.start is not None
                                                       and s > sc.start))
         lk_dense = sum(tokens[: s + 1])
+        # SkipVAR's CFG shortcut: the cond half runs alone, the uncond half copies it
+        frac = 0.5 if (sc.reuse_cond and res.reuse_cond_from is not None and s >= res.reuse_cond_from
+                       and rows % 2 == 0) else 1.0
         acts: list[str] = []
         kept: list[int | None] = []
         kv: list[int] = []
@@ -233,10 +238,10 @@ def _simulate(policy: Policy, res: ResolvedScales, depth: int, bf: BlockFlops, r
             for kind in bf.kinds:
                 run = runs[kind]
                 dense += rows * n * bf.linear(kind)
-                executed += rows * run * bf.linear(kind)
+                executed += frac * rows * run * bf.linear(kind)
                 if kind == "self_attn":
                     dense += rows * bf.pair * n * lk_dense
-                    executed += rows * bf.pair * run * (kv_len[layer] + run)
+                    executed += frac * rows * bf.pair * run * (kv_len[layer] + run)
             kv_len[layer] += runs["self_attn"]
             acts.append(action)
             kept.append(k)
@@ -309,11 +314,18 @@ class Plan:
     def to_text(self) -> str:
         """The table ``toprovar plan`` prints."""
 
-        def rng(lo: float, hi: float, fmt: str = "{:g}") -> str:
-            return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+        def rng(lo: float, hi: float, fmt: Any = "{:g}") -> str:
+            f = fmt if callable(fmt) else fmt.format
+            return f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}"
+
+        def num(v: float) -> str:
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
         def gf(v: float) -> str:
-            return f"{v / 1e9:.3g}"
+            return num(v / 1e9)
+
+        def mib(v: float) -> str:
+            return f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.2f} MiB"
 
         fp = self.fingerprint
         lines = [
@@ -344,7 +356,7 @@ class Plan:
                 "/".join(rng(*p) for p in (s.layers_kept, s.layers_skipped, s.layers_pruned)),
                 "-" if s.kept_tokens is None else rng(*s.kept_tokens),
                 rng(100 * s.kv_kept[0], 100 * s.kv_kept[1], "{:.0f}") + "%",
-                gf(s.flops_dense), rng(s.flops_planned[0] / 1e9, s.flops_planned[1] / 1e9, "{:.3g}"),
+                gf(s.flops_dense), rng(s.flops_planned[0] / 1e9, s.flops_planned[1] / 1e9, num),
                 rng(ratio_lo, ratio_hi, "{:.2f}"),
             ])
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -352,9 +364,9 @@ class Plan:
         lines.extend("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
         lo, hi = self.flop_ratio
         lines.append(f"total: {gf(self.flops_dense)} GFLOPs dense, "
-                     f"{rng(self.flops_planned[0] / 1e9, self.flops_planned[1] / 1e9, '{:.3g}')} planned "
-                     f"(ratio {rng(lo, hi, '{:.3f}')}); K/V cache {self.kv_bytes_dense / 2**20:.2f} MiB dense, "
-                     f"{rng(self.kv_bytes_planned[0] / 2**20, self.kv_bytes_planned[1] / 2**20, '{:.2f}')} MiB planned")
+                     f"{rng(self.flops_planned[0] / 1e9, self.flops_planned[1] / 1e9, num)} planned "
+                     f"(ratio {rng(lo, hi, '{:.3f}')}); K/V cache at the end {mib(self.kv_bytes_dense)} dense, "
+                     f"{rng(self.kv_bytes_planned[0], self.kv_bytes_planned[1], mib)} planned ({self.dtype})")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -450,7 +462,9 @@ def make_plan(model: str | ModelAdapter, policy: Policy, *, resolution: str | No
     if adapter.schedules is not None and schedule not in adapter.schedules:
         notes.append(f"the model has no schedule {schedule!r}")
     if policy.cfg.reuse_cond_from is not None:
-        notes.append("cfg.reuse_cond_from is validated but not executed by the runtime yet")
+        notes.append(f"cfg.reuse_cond_from: from scale {res.reuse_cond_from + 1} on only the cond half of the CFG "
+                     "batch runs; this needs torch.compile(..., dynamic=True) (a symbolic batch), else both halves "
+                     "run" + (" (the high end of the range)" if calibration is None else ""))
     if res.skip_scales or policy.scale.mode == "skip_after_D":
         notes.append("skipped scales assume the sampler's scale accumulation is compiled (else the runtime "
                      "runs them, with a warning)")
@@ -485,7 +499,7 @@ def make_plan(model: str | ModelAdapter, policy: Policy, *, resolution: str | No
         if policy.scale.mode == "off":
             d_most = d_least = None
         scenarios = [_Scenario(d_most, most_cls[0], most_cls[1], k_lo),
-                     _Scenario(d_least, least_cls[0], least_cls[1], k_hi)]
+                     _Scenario(d_least, least_cls[0], least_cls[1], k_hi, reuse_cond=False)]
         source = "ranges (no calibration file)"
     sims = [_simulate(policy, res, depth, bf, rows, sc) for sc in scenarios]
     starts = [sc.start for sc in scenarios]
@@ -514,6 +528,9 @@ def make_plan(model: str | ModelAdapter, policy: Policy, *, resolution: str | No
             return min(vals), max(vals)
 
         kept_vals = [k for sim in per for k in sim.kept if k is not None]
+        if kept_vals and calibration is None and res.ratios is None:
+            lo_k, hi_k = _gate_bounds(n, tok, s, res.num_scales)
+            kept_vals += [lo_k, hi_k]  # the gate may keep anything in between (all of them = keep)
         flags = {sim.active for sim in per}
         skip_flags = {sim.skipped for sim in per}
         plan.scales.append(ScalePlan(
