@@ -104,8 +104,8 @@ def save_token_overlay(image: torch.Tensor | np.ndarray, panels: Sequence[Mappin
     n = max(len(panels), 1)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    width = max(3.3 * cols, 5.0)
-    fig = Figure(figsize=(width, 3.6 * rows + 0.9))
+    width = max(3.3 * cols, 4.2)
+    fig = Figure(figsize=(width, 3.5 * rows + 0.8), layout="constrained")
     for i, p in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         keep = p.get("keep")
@@ -115,14 +115,10 @@ def save_token_overlay(image: torch.Tensor | np.ndarray, panels: Sequence[Mappin
         ax.set_title(str(p.get("title", "")), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    wrapped = textwrap.fill(title, int(width * 11)) if title else ""
-    if wrapped:
-        fig.suptitle(wrapped, fontsize=10)
-    fig.text(0.5, 0.015, "colour: kept tokens; grey: pruned tokens (partly grey: kept by some of the "
-             "scale's pruned layers)" if width >= 6.5 else "colour: kept tokens; grey: pruned tokens",
-             ha="center", fontsize=8, color="#444")
-    top = 1 - (0.15 + 0.2 * (wrapped.count("\n") + 1)) / (3.6 * rows + 0.9) if wrapped else 1
-    fig.tight_layout(rect=(0, 0.04, 1, top))
+    if title:
+        fig.suptitle(textwrap.fill(title, int(width * 10)), fontsize=10)
+    fig.supxlabel("colour: kept tokens; grey: pruned tokens (partly grey: kept by some of the scale's pruned "
+                  "layers)" if width >= 6.5 else "colour: kept tokens; grey: pruned tokens", fontsize=8, color="#444")
     return _save(fig, path)
 
 
