@@ -73,7 +73,7 @@ PRESETS: dict[str, dict] = {
         size=256, patch_nums=VAR_256_PATCH_NUMS, vocab=2048, cvae=32, tok_ch=32, tok_ch_mult=(1, 1, 2, 2, 4),
         enc_ch=32, enc_ch_mult=(1, 2, 2, 2, 4), depth=8, width=288, heads=6, mlp_ratio=4.0,
         num_images=49152, eval_images=512, tok_steps=4000, tok_batch=64, tok_lr=6e-4, tf_steps=8000,
-        tf_batch=192, tf_lr=1e-3, max_minutes=8.5, tok_frac=0.36, reserve_s=45.0, eval_every=250,
+        tf_batch=192, tf_lr=8e-4, max_minutes=8.5, tok_frac=0.42, reserve_s=45.0, eval_every=250,
         restart_every=25, grid_per_class=4, grid_px=128,
     ),
 }

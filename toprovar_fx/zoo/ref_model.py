@@ -242,17 +242,24 @@ def read_reference_state(path_or_dir: str | os.PathLike) -> dict[str, torch.Tens
     return state
 
 
+def load_into(model: VARStyle, path_or_dir: str | os.PathLike) -> VARStyle:
+    """Load a reference checkpoint's transformer weights into an existing ``model`` (strict keys
+    and shapes; ``tokenizer.*`` keys are ignored); a ``meta`` model gets CPU tensors assigned.
+    Tensors are converted to fp32 (then to the dtype of the parameter they replace)."""
+    state = {k: v.float() for k, v in read_reference_state(path_or_dir).items() if not k.startswith(TOKENIZER_PREFIX)}
+    check_state_dict(model, state, source=os.fspath(path_or_dir))
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    return model
+
+
 def load_reference(
     path_or_dir: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> VARStyle:
     """Build the ``VARStyle`` of a reference checkpoint (strict key/shape check), eval mode."""
-    cfg = read_reference_config(path_or_dir)
-    state = {k: v for k, v in read_reference_state(path_or_dir).items() if not k.startswith(TOKENIZER_PREFIX)}
     with torch.device("meta"):
-        model = VARStyle(var_config_of(cfg))
-    check_state_dict(model, state, source=os.fspath(path_or_dir))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+        model = VARStyle(var_config_of(read_reference_config(path_or_dir)))
+    return load_into(model, path_or_dir).to(device=device, dtype=dtype).eval()
 
 
 def load_reference_tokenizer(
@@ -275,6 +282,7 @@ def load_reference_tokenizer(
 
 __all__ = [
     "block_causal_bias",
+    "load_into",
     "load_reference",
     "load_reference_tokenizer",
     "read_reference_config",
