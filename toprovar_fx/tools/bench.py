@@ -395,7 +395,9 @@ def bench_policies(
                     if width else None,
                 })
                 if rep is not None and rep.fallbacks:
-                    res.notes.append(f"{v.label}: " + "; ".join(rep.fallbacks))
+                    note = f"{v.label}: " + "; ".join(dict.fromkeys(rep.fallbacks))  # each message once
+                    if note not in res.notes:
+                        res.notes.append(note)
                 if recompiles[v.label]:
                     res.notes.append(f"{v.label} at batch {batch}: {recompiles[v.label]} graph(s) compiled during "
                                      "the timed runs (their time is inside the latency)")

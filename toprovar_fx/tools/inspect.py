@@ -42,6 +42,17 @@ class InspectResult:
     fidelity: dict[str, Any] = field(default_factory=dict)
 
 
+def _ranges(ids: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5,9"``."""
+    out: list[str] = []
+    for i in sorted(ids):
+        if out and i == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
+
+
 def overlay_panels(report: Any, kept_idx: dict[tuple[int, int], torch.Tensor]) -> list[dict[str, Any]]:
     """Panels for ``pictures.save_token_overlay``: one per scale where any layer pruned tokens
     or was skipped (the whole scale greyed when it was skipped)."""
@@ -63,9 +74,9 @@ def overlay_panels(report: Any, kept_idx: dict[tuple[int, int], torch.Tensor]) -
         kept_txt = f"kept {'/'.join(map(str, ks))} of {s.tokens}" if ks else f"{s.tokens} tokens"
         parts = [kept_txt]
         if pruned:
-            parts.append(f"layers {','.join(str(lr.index) for lr in pruned)} pruned")
+            parts.append(f"layers {_ranges([lr.index for lr in pruned])} pruned")
         if skipped:
-            parts.append(f"{','.join(str(lr.index) for lr in skipped)} skipped")
+            parts.append(f"layers {_ranges([lr.index for lr in skipped])} skipped")
         panels.append({"keep": keep, "h": s.h, "w": s.w,
                        "title": f"scale {s.index + 1} ({s.h}x{s.w}): {parts[0]}\n" + "; ".join(parts[1:])})
     return panels
