@@ -44,7 +44,7 @@ class Settings:
 
 
 _OPTION_DOCS = {
-    "policy": "shipped policy name, path to a YAML file, or a dict",
+    "policy": "shipped policy name, path to a YAML file, a dict, or a Policy",
     "preset": "quality | balanced | fast (a preset defined by the policy)",
     "mode": "observe | prune",
     "inductor": "bool: hand rewritten graphs to Inductor (default: on for CUDA, off for CPU)",
@@ -77,7 +77,9 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 16:
         raise ValueError(f"toprovar: option 'recompile_limit' must be an int >= 16, got {limit!r}")
     policy = options.get("policy")
-    if policy is not None and not isinstance(policy, (str, Mapping)) and not hasattr(policy, "__fspath__"):
+    from .policies import Policy
+
+    if policy is not None and not isinstance(policy, (str, Mapping, Policy)) and not hasattr(policy, "__fspath__"):
         raise ValueError(
             f"toprovar: option 'policy' must be a policy name, a YAML path or a dict, got {type(policy).__name__}"
         )

@@ -134,3 +134,8 @@ def test_self_vs_cross_attention():
 
     gm = _traced(fn, torch.randn(1, 5, 16), torch.randn(1, 3, 16), torch.randn(16, 16), torch.randn(16, 16))
     assert [s.kind for s in find_attention_sites(gm)] == ["self", "cross"]
+
+
+def test_attention_on_graph_inputs_is_left_to_the_runtime():
+    gm = _traced(lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v), *_qkv(layout="blhd")[:2], torch.randn(2, 4, 14, 16))
+    assert [s.kind for s in find_attention_sites(gm)] == ["unknown"]

@@ -28,7 +28,7 @@ class PassContext:
     sites: list[Any] = field(default_factory=list)  # AttentionSite, from find_attention
     rewritten: list[tuple[Any, fx.Node]] = field(default_factory=list)  # (site, entropy node)
     site_ids: dict[fx.Node, int] = field(default_factory=dict)  # entropy node -> session site id
-    hoisted: list[int] = field(default_factory=list)  # site ids of hoisted entropy outputs, in order
+    hoisted: list[tuple[int, bool]] = field(default_factory=list)  # (site id, key length follows) in output order
     n_outputs: int = 0
     outputs_sequence: bool = True
     branches: list[Any] = field(default_factory=list)  # ResidualBranch, from find_residual_branches

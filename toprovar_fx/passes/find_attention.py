@@ -209,9 +209,34 @@ def _check_tensors(site: AttentionSite) -> None:
     site.heads, site.head_dim = hq, d
 
 
+_VIEW_METHODS = ("view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "to", "float",
+                 "half", "bfloat16", "type_as", "flatten", "unflatten", "expand")
+
+
+def _input_view(node) -> bool:
+    """``node`` is a graph input seen through view-like ops only (no computation in this graph)."""
+    while isinstance(node, fx.Node):
+        if node.op == "placeholder":
+            return True
+        is_view = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+            node.op == "call_function" and node.target in (operator.getitem, torch.transpose, torch.reshape))
+        if not is_view:
+            return False
+        node = node.args[0]
+    return False
+
+
 def _classify(site: AttentionSite) -> None:
+    """``self`` when q and k share a non-parameter ancestor (the residual stream); ``unknown``
+    when both come straight from graph inputs (a block split over several graphs: the runtime
+    decides from the key length); else ``cross``."""
     common = {n for n in ancestors(site.q) & (ancestors(site.k) | {site.k}) if not is_static_input(n)}
-    site.kind = "self" if common else "cross"
+    if common:
+        site.kind = "self"
+    elif _input_view(site.q) and _input_view(site.k):
+        site.kind = "unknown"
+    else:
+        site.kind = "cross"
 
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
@@ -233,9 +258,10 @@ def find_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.sites = find_attention_sites(gm)
     for site in ctx.sites:
         if not site.eligible:
-            ctx.session.attention_skipped.append(
-                {"graph": str(ctx.graph_id), "node": site.node.name, "pattern": site.pattern,
-                 "reason": site.reason.value, "detail": site.detail}
-            )
+            record = {"node": site.node.name, "pattern": site.pattern, "reason": site.reason.value,
+                      "detail": site.detail}
+            # recompiles of one code object find the same refusal again: record it once
+            if record not in ctx.session.attention_skipped:
+                ctx.session.attention_skipped.append(record)
     eligible = sum(s.eligible for s in ctx.sites)
     return PassResult(gm, False, f"{len(ctx.sites)} attention site(s), {eligible} eligible")

@@ -113,6 +113,28 @@ def _free_symbols(v) -> set:
     return set(getattr(expr, "free_symbols", ()))
 
 
+_ELEMENTWISE = ("mul", "add", "sub", "div", "mul_", "add_", "addcmul", "__mul__", "__add__", "__sub__")
+
+
+def _combined_with_stream(node: fx.Node, stream: set[fx.Node], region: set[fx.Node]) -> bool:
+    """``node`` meets a residual-stream value in an elementwise op inside the branch (a RoPE table,
+    a positional embedding): only such inputs line up with the tokens. Cross-attention K/V whose
+    length happens to equal the token count (Dynamo's duck sizing) do not."""
+    for u in node.users:
+        if u not in region:
+            continue
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if name in _ELEMENTWISE and any(a in stream for a in u.args if isinstance(a, fx.Node)):
+            return True
+    return False
+
+
+def _derived_from_tokens(node: fx.Node, tokens) -> bool:
+    shape = _shape(node)
+    syms = _free_symbols(tokens)
+    return bool(shape) and bool(syms) and any(_free_symbols(d) & syms for d in shape if not isinstance(d, int))
+
+
 def _positional_dim(node: fx.Node, tokens) -> int | None:
     shape = _shape(node)
     if shape is None or len(shape) < 2:
@@ -175,9 +197,14 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
                 u.op == "call_function" and u.target in _CAT_FUNCS for u in inp.users if u in region_set
             ):
                 continue
-            dim = _positional_dim(inp, tokens)
+            dim = _positional_dim(inp, tokens) if _combined_with_stream(inp, desc_x | {x}, region_set) else None
             if dim is not None:
                 br.positional.append((inp, dim))
+            elif _derived_from_tokens(inp, tokens):
+                # e.g. packed query indices built from the full token count outside the branch:
+                # they cannot follow a gather, so this branch must run on all tokens
+                br.prunable, br.why_not = False, f"input {inp.name} has a shape derived from the token count"
+
         for n in region:
             outside = [u for u in n.users if u not in region_set and u is not node]
             if n is delta:
@@ -201,5 +228,8 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
 def find_residual_branches(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pass entry point: store the branches in ``ctx.branches`` (graph unchanged)."""
     ctx.branches = analyse_branches(gm)
-    kinds = ", ".join(b.kind + ("" if b.prunable else "(fixed)") for b in ctx.branches)
+    for b in ctx.branches:
+        if b.kind == "self_attn" and not b.prunable and "static" not in b.why_not:
+            ctx.session.unrouted.add(b.why_not)
+    kinds = ", ".join(b.kind + ("" if b.prunable else f"(fixed: {b.why_not})") for b in ctx.branches)
     return PassResult(gm, False, f"{len(ctx.branches)} residual branch(es) [{kinds}]")

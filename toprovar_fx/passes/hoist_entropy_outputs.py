@@ -35,9 +35,21 @@ def append_outputs(gm: fx.GraphModule, entropies: list[fx.Node]) -> tuple[int, b
 
 def hoist_entropy_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pass entry point: hoist every entropy node not consumed inside the graph already."""
-    pending = [(ent, ctx.site_ids[ent]) for _, ent in ctx.rewritten if ent in ctx.site_ids and ent.graph is gm.graph]
-    ctx.hoisted = [sid for _, sid in pending]
-    ctx.n_outputs, ctx.outputs_sequence = append_outputs(gm, [ent for ent, _ in pending])
+    pending = [(site, ent, ctx.site_ids[ent]) for site, ent in ctx.rewritten
+               if ent in ctx.site_ids and ent.graph is gm.graph]
+    outputs = []
+    ctx.hoisted = []
+    for site, ent, sid in pending:
+        outputs.append(ent)
+        with_len = site.kind == "unknown"
+        if with_len:
+            # the runtime tells self- from cross-attention by the key length
+            fae = ent.args[0]
+            with gm.graph.inserting_after(ent):
+                lk = gm.graph.call_method("size", (fae.args[1], 2))
+            outputs.append(lk)
+        ctx.hoisted.append((sid, with_len))
+    ctx.n_outputs, ctx.outputs_sequence = append_outputs(gm, outputs)
     if pending:
         finalize(gm)
     return PassResult(gm, bool(pending), f"{len(pending)} entropy output(s) hoisted")

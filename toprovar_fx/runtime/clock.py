@@ -88,6 +88,13 @@ class ScaleClock:
             self._match_schedules()
         return Tick(self.generation, self.scale, self.layer, tokens, new_gen, new_scale)
 
+    def expected_self_keys(self, tokens: int) -> int:
+        """Keys a self-attention of ``tokens`` queries sees if it is the next tick: every token so far."""
+        if self.tokens is None or tokens < self.tokens:
+            return tokens
+        done = sum(self.token_history)
+        return done if tokens == self.tokens else done + tokens
+
     def _match_schedules(self) -> None:
         s, n = self.scale, self.tokens
         keep = [c for c in self.candidates if s < len(self.schedules[c]) and _area(self.schedules[c][s]) == n]

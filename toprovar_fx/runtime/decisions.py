@@ -50,6 +50,7 @@ class Decider:
         self.latest_full: torch.Tensor | None = None  # entropy [rows, L] of the latest dense layer
         self.unfit: set[int] = set()  # generations in which the policy did not fit the model
         self.row_fraction = 1.0  # 0.5 while only the cond half of a CFG batch runs
+        self.disabled: set[Any] = set()  # branches that failed on pruned tokens: dense from then on
         self._needs_entropy = policy.scale.criterion == "rho" or policy.token.selection == "entropy"
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
@@ -154,6 +155,19 @@ class Decider:
         return (x + delta, *outs[1:1 + spec.n_escapes])
 
     def _prune(self, spec, branch, inputs, x, tick, idx):
+        try:
+            return self._prune_unchecked(spec, branch, inputs, x, tick, idx)
+        except Exception as err:  # noqa: BLE001 - a branch that cannot run pruned runs dense
+            if self.session.settings.strict:
+                raise
+            self.disabled.add(spec)
+            self.session.fallback(
+                f"a {spec.kind} branch failed on pruned tokens ({type(err).__name__}: {err}); "
+                "it runs on all tokens from now on"
+            )
+            return self._keep(spec, branch, inputs, x, tick)
+
+    def _prune_unchecked(self, spec, branch, inputs, x, tick, idx):
         gathered = list(inputs)
         gathered[spec.hidden] = gather_tokens(x, idx, 1)
         for i, dim in spec.positional:
@@ -234,7 +248,7 @@ class Decider:
         action = self.policy.layer.actions[cls]
         if action != "prune_tokens":
             return action, None
-        if spec.kind not in self.policy.token.sublayers:
+        if spec.kind not in self.policy.token.sublayers or spec in self.disabled:
             return "keep", None
         k = cur.kept.get(tick.layer)
         if k is None or k >= int(x.shape[1]):
@@ -282,9 +296,11 @@ class Decider:
 
     def _maybe_classify(self, res, tick) -> None:
         gen = self.gen
-        if gen.layer_classes or tick.scale <= res.representative:
-            return
         lay = self.policy.layer
+        if gen.layer_classes or self.policy.scale.mode == "off":
+            return
+        if lay.mode == "online" and tick.scale <= res.representative:
+            return  # online classes need the representative scale's entropy maps
         depth = self.session.clock.depth or 0
         if lay.mode == "off":
             for layer in range(depth):

@@ -43,6 +43,9 @@ class GenerationReport:
     attention_skipped: list[dict[str, str]] = field(default_factory=list)  # refusals with reasons
     rows: int = 0  # transformer batch rows (2B with CFG)
     depth: int | None = None
+    heads: int | None = None  # of the self-attention, as traced
+    head_dim: int | None = None
+    width: int | None = None  # heads * head_dim
     start_scale: int | None = None  # D (0-based), None = pruning never active
     scales: list[ScaleReport] = field(default_factory=list)
     flops_dense: float = 0.0

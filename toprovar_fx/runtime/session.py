@@ -83,6 +83,7 @@ class Session:
         self.sites: list[SiteInfo] = []
         self.branches: list[Any] = []  # BranchSpec, indexed by spec id
         self.accumulation_sites = 0  # gated scale accumulations found in graphs
+        self.unrouted: set[str] = set()  # why self-attention branches were not routed (compile time)
         self.graphs = 0
         self.compile_seconds = 0.0
         self.attention_kinds: dict[str, int] = {}
@@ -147,21 +148,37 @@ class Session:
 
     def _policy_mismatch(self, message: str) -> None:
         """The policy does not fit what runs: raise (strict / on_mismatch: error) or go dense."""
-        if message in self.gen.fallbacks:
+        text = f"policy {self.policy.name!r}: {message}; running dense"
+        if text in self.gen.fallbacks:
             return
         if self.settings.strict or self.policy.fallback.on_mismatch == "error":
             raise RuntimeError(f"toprovar: policy {self.policy.name!r} ({self.policy.source}): {message}")
-        self.fallback(f"policy {self.policy.name!r}: {message}; running dense")
+        self.fallback(text)
 
-    def record_attention(self, site_id: int, entropy: torch.Tensor, tick: Tick | None = None) -> None:
-        """An attention site produced head-mean entropy ``[rows, Lq]``."""
+    def record_attention(self, site_id: int, entropy: torch.Tensor, tick: Tick | None = None,
+                         key_len: int | None = None) -> None:
+        """An attention site produced head-mean entropy ``[rows, Lq]``.
+
+        ``key_len`` comes with sites whose kind could not be told from their graph (a block
+        split over several graphs): it is self-attention when the keys are exactly the tokens
+        of every scale so far (the K/V cache plus this scale).
+        """
         site = self.sites[site_id]
-        if site.kind != "self":
-            return
         rows, lq = entropy.shape[0], entropy.shape[-1]
+        kind = site.kind
+        if kind == "unknown":
+            kind = "self" if key_len == self.clock.expected_self_keys(int(lq)) else "cross"
+        if kind != "self":
+            return
         observe = tick is None  # in prune mode the dispatcher ticks and counts FLOPs itself
         if observe:
             tick = self.tick(int(lq), int(rows))
+            if self.decider is not None and tick.scale > 0:
+                reasons = "; ".join(sorted(self.unrouted)) or "no residual branch found around it"
+                self.fallback(
+                    "a self-attention ran outside a routed residual branch, so its layer cannot be skipped "
+                    f"or pruned and runs dense (compile-time reasons: {reasons})"
+                )
         gen = self.gen
         key = (tick.scale, tick.layer)
         if lq == gen.tokens.get(tick.scale):
@@ -206,6 +223,10 @@ class Session:
             graphs=self.graphs,
             depth=self.clock.depth,
         )
+        selfs = [site for site in self.sites if site.kind in ("self", "unknown")]
+        if selfs:
+            rep.heads, rep.head_dim = selfs[0].heads, selfs[0].head_dim
+            rep.width = rep.heads * rep.head_dim
         if gen is None:
             rep.fallbacks = list(self.session_fallbacks)
             return rep
