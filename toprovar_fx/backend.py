@@ -79,21 +79,28 @@ def _ensure_recompile_budget(limit: int) -> None:
 class GraphRunner:
     """The callable handed back to Dynamo for one graph: runs it, then records entropy."""
 
-    def __init__(self, session: Session, fn: Callable, site_ids: list[int], n_outputs: int, sequence: bool):
+    def __init__(self, session: Session, fn: Callable, hoisted: list[tuple[int, bool]], n_outputs: int,
+                 sequence: bool):
         self.session = session
         self.fn = fn
-        self.site_ids = site_ids
+        self.hoisted = hoisted  # (site id, whether the key length follows the entropy output)
         self.n_outputs = n_outputs
         self.sequence = sequence
 
     def __call__(self, *args: Any) -> Any:
         outs = self.fn(*args)
-        if not self.site_ids:
+        if not self.hoisted:
             return outs
         n = self.n_outputs
         record = self.session.record_attention
-        for sid, ent in zip(self.site_ids, outs[n:]):
-            record(sid, ent)
+        i = n
+        for sid, with_len in self.hoisted:
+            if with_len:
+                record(sid, outs[i], key_len=int(outs[i + 1]))
+                i += 2
+            else:
+                record(sid, outs[i])
+                i += 1
         return tuple(outs[:n]) if self.sequence else outs[0]
 
 
