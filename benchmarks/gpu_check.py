@@ -1,0 +1,114 @@
+"""First look at the backend on a GPU: equivalence on the tiny zoo models and a rough timing at
+Infinity-2B size. Not the end-to-end benchmark (benchmarks/e2e.py, issue 8): few runs, no
+interleaving beyond variant order, no profiler. Writes Markdown to --out.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --out gpu_check.md --budget-s 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import torch
+
+import toprovar_fx
+from toprovar_fx import zoo
+from toprovar_fx.metrics import psnr
+
+
+def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
+               for x, y in zip(a, b))
+
+
+def _call(name: str, m: torch.nn.Module, device: str):
+    if name.startswith("infinity"):
+        cond = m.encode_prompts(["a red cat on a mat"])
+        cond = tuple(c.to(device) if isinstance(c, torch.Tensor) else c for c in cond)
+        return lambda fn, **kw: fn(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True, **kw)
+    labels = torch.tensor([3], device=device)
+    return lambda fn, **kw: fn(B=1, label_B=labels, g_seed=7, cfg=1.5, return_logits=True, **kw)
+
+
+def tiny_equivalence(lines: list[str]) -> None:
+    lines += ["## Tiny zoo models, fp32, CUDA", "",
+              "| model | options | max rel logit diff vs eager | image PSNR vs eager (dB) | rewrites | fallbacks |",
+              "|---|---|---|---|---|---|"]
+    for name in ("var-tiny", "infinity-tiny"):
+        m = zoo.build(name, device="cuda")
+        call = _call(name, m, "cuda")
+        img_ref, ref = call(m.autoregressive_infer_cfg)
+        for opts in ({"mode": "observe", "inductor": False}, {"mode": "observe", "inductor": True},
+                     {"policy": f"{name}-keepall"}, {"policy": name}):
+            torch._dynamo.reset()
+            fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
+            img, got = call(fast)
+            rep = toprovar_fx.last_generation()
+            lines.append(f"| {name} | `{opts}` | {_rel(got, ref):.2e} | {psnr(img, img_ref):.1f} | "
+                         f"{rep.attention_rewrites} | {len(rep.fallbacks)} |")
+
+
+def big_timing(lines: list[str], budget_s: float) -> None:
+    t_start = time.perf_counter()
+    m = zoo.build("infinity-2b", device="cuda", dtype=torch.bfloat16)
+    call = _call("infinity-2b", m, "cuda")
+    lines += ["", "## Infinity-2B size (random weights, bf16, 1024x1024 13 scales, CFG, batch 1)", "",
+              "| variant | first call (s) | warm runs (ms) | median (ms) | FLOP ratio | start scale |",
+              "|---|---|---|---|---|---|"]
+    variants = [("dense eager", None), ("toprovar observe (FX, no Inductor)", {"mode": "observe", "inductor": False}),
+                ("toprovar infinity-2b policy", {"policy": "infinity-2b"}),
+                ("toprovar infinity-2b-fastvar-released", {"policy": "infinity-2b-fastvar-released"})]
+    for label, opts in variants:
+        if time.perf_counter() - t_start > budget_s:
+            lines.append(f"| {label} | skipped: time budget | | | | |")
+            continue
+        torch._dynamo.reset()
+        fn = m.autoregressive_infer_cfg if opts is None else torch.compile(
+            m.autoregressive_infer_cfg, backend="toprovar", options=opts)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call(fn)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            call(fn)
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+        rep = toprovar_fx.last_generation() if opts is not None else None
+        ratio = f"{rep.flop_ratio:.3f}" if rep else "1"
+        start = rep.start_scale if rep else "-"
+        lines.append(f"| {label} | {first:.1f} | {', '.join(f'{t:.0f}' for t in times)} | "
+                     f"{statistics.median(times):.0f} | {ratio} | {start} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    args = ap.parse_args()
+    import triton
+
+    lines = [f"# GPU check ({datetime.date.today()})", "",
+             f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""]
+    try:
+        tiny_equivalence(lines)
+    except Exception as err:  # noqa: BLE001 - report and go on to the timing
+        lines.append(f"tiny equivalence failed: {type(err).__name__}: {err}")
+    try:
+        big_timing(lines, args.budget_s)
+    except Exception as err:  # noqa: BLE001
+        lines.append(f"timing failed: {type(err).__name__}: {err}")
+    text = "\n".join(lines) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
