@@ -17,10 +17,11 @@ Protocol (every number in the output says what it is):
   of the decoded images, token agreement (arg-max of the guided logits) per scale.
 * FLOP ratio: the backend's executed/dense accounting of the last timed call (1 for dense).
 * Memory: peak ``torch.cuda.max_memory_allocated`` over a variant's timed calls (weights
-  included; "n/a" on CPU). K/V cache: in one extra, untimed call per variant, the bytes of every
-  module attribute ``cached_k`` / ``cached_v`` at their largest (measured when the cache is
-  cleared, i.e. at the end of the generation); the runtime's estimate from the kept counts is
-  reported next to it.
+  included; "n/a" on CPU). K/V cache: the bytes of every module attribute ``cached_k`` /
+  ``cached_v`` at their largest in the last timed call, read when the sampler clears the cache
+  (``kv_caching`` is wrapped before the first call, so Dynamo compiles with the wrapper in
+  place; its cost is one ``nbytes`` sum per layer); the runtime's estimate from the kept counts
+  is reported next to it.
 """
 
 from __future__ import annotations
@@ -137,11 +138,13 @@ class _Timer:
 
 
 class _KVProbe:
-    """Largest bytes held by every module's ``cached_k`` / ``cached_v`` during one generation.
+    """Largest bytes held by the modules' ``cached_k`` / ``cached_v`` during each generation.
 
-    Samplers clear their caches when they finish (``kv_caching(False)``), so the probe wraps each
-    such module's ``kv_caching`` to read the cache just before it is cleared, and also reads what
-    is left afterwards. Installed only for an untimed call (it changes what Dynamo guards on).
+    Samplers clear their caches when they finish (``kv_caching(False)``), so the probe wraps
+    each such module's ``kv_caching`` to read the cache just before it is cleared, and reads
+    what is left after the call. It is installed before the first call of any variant and stays
+    for the whole benchmark, so Dynamo's guards see it from the start (no recompiles); its cost
+    is one ``nbytes`` sum per module and cache clear.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -152,10 +155,10 @@ class _KVProbe:
         total = sum(int(t.nbytes) for t in (m.cached_k, m.cached_v) if isinstance(t, torch.Tensor))
         self.peak[i] = max(self.peak.get(i, 0), total)
 
-    def __enter__(self) -> _KVProbe:
+    def install(self) -> _KVProbe:
         for i, m in enumerate(self.mods):
             orig = getattr(m, "kv_caching", None)
-            if callable(orig):
+            if callable(orig) and "kv_caching" not in m.__dict__:
                 def wrapped(*a: Any, _i: int = i, _m: torch.nn.Module = m, _o: Callable = orig, **k: Any) -> Any:
                     self._read(_i, _m)
                     return _o(*a, **k)
@@ -163,13 +166,18 @@ class _KVProbe:
                 m.__dict__["kv_caching"] = wrapped
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for i, m in enumerate(self.mods):
-            self._read(i, m)
+    def remove(self) -> None:
+        for m in self.mods:
             m.__dict__.pop("kv_caching", None)
 
-    @property
-    def bytes(self) -> int | None:
+    def start(self) -> None:
+        """Forget what earlier calls held."""
+        self.peak.clear()
+
+    def finish(self) -> int | None:
+        """Bytes of the call since :meth:`start` (None when the model has no such cache)."""
+        for i, m in enumerate(self.mods):
+            self._read(i, m)
         return sum(self.peak.values()) if self.mods and any(self.peak.values()) else None
 
 
@@ -264,11 +272,6 @@ def bench_policies(
     show_progress: bool = False,
 ) -> BenchResult:
     """Benchmark ``variants`` on ``model`` (module docstring); with ``out`` write bench.md and bench.json."""
-    import json
-
-    import toprovar_fx
-    from toprovar_fx.metrics import psnr, ssim, token_agreement
-
     if runs < 1:
         raise ToolError("--runs must be >= 1")
     if warmup < 0:
@@ -289,7 +292,27 @@ def bench_policies(
     compiled = sum(v.kind != "dense" for v in vs)
     # every compiled variant adds its own Dynamo cache entries for the same code objects
     limit = 64 * max(compiled, 1) * len(batches)
-    steps = len(batches) * len(vs) * (1 + warmup + runs + (1 if kv_probe else 0))
+    steps = len(batches) * len(vs) * (1 + warmup + runs)
+    probe = _KVProbe(adapter.model).install() if kv_probe else None
+    try:
+        return _bench(adapter, vs, res, probe, timer, runs=runs, warmup=warmup, batches=batches, condition=condition,
+                      seed=seed, dev=dev, dynamic=dynamic, limit=limit, steps=steps, width=width, item_bytes=item_bytes,
+                      fp=fp, out=out, show_progress=show_progress)
+    finally:
+        if probe is not None:
+            probe.remove()
+
+
+def _bench(adapter: ModelAdapter, vs: list[Variant], res: BenchResult, probe: _KVProbe | None, timer: _Timer, *,
+           runs: int, warmup: int, batches: Sequence[int], condition: Any, seed: int, dev: torch.device,
+           dynamic: bool | None, limit: int, steps: int, width: int, item_bytes: int, fp: dict[str, Any],
+           out: str | Path | None, show_progress: bool) -> BenchResult:
+    """The measuring loop of :func:`bench_policies` (arguments checked there)."""
+    import json
+
+    import toprovar_fx
+    from toprovar_fx.metrics import psnr, ssim, token_agreement
+
     resolution_px = None
     with progress(steps, "bench", show_progress) as bar:
         for batch in batches:
@@ -327,13 +350,18 @@ def bench_policies(
             reports: dict[str, Any] = {}
             recompiles: dict[str, int] = {v.label: 0 for v in vs}
             peak: dict[str, int | None] = {v.label: None for v in vs}
+            kv_measured: dict[str, int | None] = {v.label: None for v in vs}
             for r in range(runs):
                 order = vs[r % len(vs):] + vs[: r % len(vs)]
                 for v in order:
                     bar.set_note(f"batch {batch}: run {r + 1}/{runs} {v.label}")
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
+                    if probe is not None:
+                        probe.start()
                     t, gen = timer.time(adapter.generate, fns[v.label], prepared, seed)
+                    if probe is not None:
+                        kv_measured[v.label] = probe.finish()
                     if dev.type == "cuda":
                         peak[v.label] = max(peak[v.label] or 0, int(torch.cuda.max_memory_allocated(dev)))
                     times[v.label].append(t)
@@ -343,16 +371,6 @@ def bench_policies(
                         reports[v.label] = rep
                         recompiles[v.label] += rep.compiles if rep is not None else 0
                     bar.update()
-            kv_measured: dict[str, int | None] = {}
-            for v in vs:
-                if not kv_probe:
-                    kv_measured[v.label] = None
-                    continue
-                bar.set_note(f"batch {batch}: K/V probe {v.label}")
-                with _KVProbe(adapter.model) as probe:
-                    adapter.generate(fns[v.label], prepared, seed)
-                kv_measured[v.label] = probe.bytes
-                bar.update()
             dense = last["dense"]
             resolution_px = f"{dense.images.shape[-2]}x{dense.images.shape[-1]}"
             med_dense = statistics.median(times["dense"])

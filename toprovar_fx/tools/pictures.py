@@ -227,7 +227,7 @@ def _plot_r(ax: Any, scores: Sequence[float | None], classes: Sequence[str | Non
     ax.set_xticklabels([str(i) for i in xs], fontsize=7 if len(xs) > 24 else 9)
     ax.set_xlabel("layer (0-based)")
     ax.set_ylabel("R = exp(-beta (sigma1/sigma2 - 1))")
-    ax.set_ylim(0, 1.2)
+    ax.set_ylim(0, 1.3)
     handles = [Patch(color=DETAIL_COLOUR, label=f"Detail ({sum(c == 'detail' for c in classes)})"),
                Patch(color=GLOBAL_COLOUR, label=f"Global ({sum(c != 'detail' for c in classes)})")]
     if dense_layers:
@@ -265,7 +265,7 @@ def save_flops(dense: Sequence[float], executed: Sequence[float], labels: Sequen
         ax.text(x, dv * 1.15, "skip" if ev == 0 and dv > 0 else f"{ev / dv:.2f}" if dv else "",
                 ha="center", fontsize=7)
     ax.set_xticks(xs)
-    ax.set_xticklabels(labels, fontsize=7, rotation=0 if len(labels) <= 12 else 45)
+    ax.set_xticklabels(labels, fontsize=7)
     ax.set_xlabel("scale (token map)")
     ax.set_ylabel("GFLOPs (log scale)")
     ratio = e.sum() / d.sum() if d.sum() else 1.0
