@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes: latency at 1, throughput at larger ones (default 1)")
     p.add_argument("--condition", help="class id or prompt (default: the model's demo condition)")
     p.add_argument("--out", metavar="DIR", help="write DIR/bench.md and DIR/bench.json")
-    p.add_argument("--no-kv-probe", action="store_true", help="do not wrap the modules' kv_caching to measure the K/V cache")
+    p.add_argument("--no-kv-probe", action="store_true", help="skip the extra untimed call per variant that measures the K/V cache")
     p.add_argument("--dynamic", action="store_true",
                    help="torch.compile(dynamic=True): needed by cfg.reuse_cond_from (SkipVAR)")
     p.set_defaults(handler=_bench, _parser=p)

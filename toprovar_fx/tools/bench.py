@@ -17,11 +17,11 @@ Protocol (every number in the output says what it is):
   of the decoded images, token agreement (arg-max of the guided logits) per scale.
 * FLOP ratio: the backend's executed/dense accounting of the last timed call (1 for dense).
 * Memory: peak ``torch.cuda.max_memory_allocated`` over a variant's timed calls (weights
-  included; "n/a" on CPU). K/V cache: the bytes of every module attribute ``cached_k`` /
-  ``cached_v`` at their largest in the last timed call, read when the sampler clears the cache
-  (``kv_caching`` is wrapped before the first call, so Dynamo compiles with the wrapper in
-  place; its cost is one ``nbytes`` sum per layer); the runtime's estimate from the kept counts
-  is reported next to it.
+  included; "n/a" on CPU). K/V cache: after all timed calls, one extra untimed call per variant
+  reads every module attribute ``cached_k`` / ``cached_v`` at its largest (each such module's
+  ``kv_caching`` is wrapped to read the cache just before the sampler clears it; the wrapper
+  changes what Dynamo guards on, hence outside the timing); the runtime's estimate from the
+  kept counts is reported next to it.
 """
 
 from __future__ import annotations
@@ -138,24 +138,25 @@ class _Timer:
 
 
 class _KVProbe:
-    """Largest bytes held by the modules' ``cached_k`` / ``cached_v`` during each generation.
+    """Largest bytes held by the modules' ``cached_k`` / ``cached_v`` during one generation.
 
     Samplers clear their caches when they finish (``kv_caching(False)``), so the probe wraps
     each such module's ``kv_caching`` to read the cache just before it is cleared, and reads
-    what is left after the call. It is installed before the first call of any variant and stays
-    for the whole benchmark, so Dynamo's guards see it from the start (no recompiles); its cost
-    is one ``nbytes`` sum per module and cache clear.
+    what is left after the call. The reading runs outside Dynamo (``torch.compiler.disable``:
+    under tracing the cache shapes are symbolic). Installing it changes what Dynamo guards on,
+    so it is used only for an extra, untimed call.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.mods = [m for m in model.modules() if hasattr(m, "cached_k") and hasattr(m, "cached_v")]
         self.peak: dict[int, int] = {}
+        self._read = torch.compiler.disable(self._read_eager)
 
-    def _read(self, i: int, m: torch.nn.Module) -> None:
+    def _read_eager(self, i: int, m: torch.nn.Module) -> None:
         total = sum(int(t.nbytes) for t in (m.cached_k, m.cached_v) if isinstance(t, torch.Tensor))
         self.peak[i] = max(self.peak.get(i, 0), total)
 
-    def install(self) -> _KVProbe:
+    def __enter__(self) -> _KVProbe:
         for i, m in enumerate(self.mods):
             orig = getattr(m, "kv_caching", None)
             if callable(orig) and "kv_caching" not in m.__dict__:
@@ -166,18 +167,14 @@ class _KVProbe:
                 m.__dict__["kv_caching"] = wrapped
         return self
 
-    def remove(self) -> None:
-        for m in self.mods:
+    def __exit__(self, *exc: object) -> None:
+        for i, m in enumerate(self.mods):
+            self._read_eager(i, m)
             m.__dict__.pop("kv_caching", None)
 
-    def start(self) -> None:
-        """Forget what earlier calls held."""
-        self.peak.clear()
-
-    def finish(self) -> int | None:
-        """Bytes of the call since :meth:`start` (None when the model has no such cache)."""
-        for i, m in enumerate(self.mods):
-            self._read(i, m)
+    @property
+    def bytes(self) -> int | None:
+        """Bytes at the cache's largest (None when the model has no such cache)."""
         return sum(self.peak.values()) if self.mods and any(self.peak.values()) else None
 
 
@@ -292,18 +289,13 @@ def bench_policies(
     compiled = sum(v.kind != "dense" for v in vs)
     # every compiled variant adds its own Dynamo cache entries for the same code objects
     limit = 64 * max(compiled, 1) * len(batches)
-    steps = len(batches) * len(vs) * (1 + warmup + runs)
-    probe = _KVProbe(adapter.model).install() if kv_probe else None
-    try:
-        return _bench(adapter, vs, res, probe, timer, runs=runs, warmup=warmup, batches=batches, condition=condition,
-                      seed=seed, dev=dev, dynamic=dynamic, limit=limit, steps=steps, width=width, item_bytes=item_bytes,
-                      fp=fp, out=out, show_progress=show_progress)
-    finally:
-        if probe is not None:
-            probe.remove()
+    steps = len(batches) * len(vs) * (1 + warmup + runs + (1 if kv_probe else 0))
+    return _bench(adapter, vs, res, kv_probe, timer, runs=runs, warmup=warmup, batches=batches, condition=condition,
+                  seed=seed, dev=dev, dynamic=dynamic, limit=limit, steps=steps, width=width, item_bytes=item_bytes,
+                  fp=fp, out=out, show_progress=show_progress)
 
 
-def _bench(adapter: ModelAdapter, vs: list[Variant], res: BenchResult, probe: _KVProbe | None, timer: _Timer, *,
+def _bench(adapter: ModelAdapter, vs: list[Variant], res: BenchResult, kv_probe: bool, timer: _Timer, *,
            runs: int, warmup: int, batches: Sequence[int], condition: Any, seed: int, dev: torch.device,
            dynamic: bool | None, limit: int, steps: int, width: int, item_bytes: int, fp: dict[str, Any],
            out: str | Path | None, show_progress: bool) -> BenchResult:
@@ -357,11 +349,7 @@ def _bench(adapter: ModelAdapter, vs: list[Variant], res: BenchResult, probe: _K
                     bar.set_note(f"batch {batch}: run {r + 1}/{runs} {v.label}")
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
-                    if probe is not None:
-                        probe.start()
                     t, gen = timer.time(adapter.generate, fns[v.label], prepared, seed)
-                    if probe is not None:
-                        kv_measured[v.label] = probe.finish()
                     if dev.type == "cuda":
                         peak[v.label] = max(peak[v.label] or 0, int(torch.cuda.max_memory_allocated(dev)))
                     times[v.label].append(t)
@@ -371,6 +359,12 @@ def _bench(adapter: ModelAdapter, vs: list[Variant], res: BenchResult, probe: _K
                         reports[v.label] = rep
                         recompiles[v.label] += rep.compiles if rep is not None else 0
                     bar.update()
+            for v in vs if kv_probe else ():  # after every timed call: the probe changes Dynamo's guards
+                bar.set_note(f"batch {batch}: K/V probe {v.label} (untimed)")
+                with _KVProbe(adapter.model) as probe:
+                    adapter.generate(fns[v.label], prepared, seed)
+                kv_measured[v.label] = probe.bytes
+                bar.update()
             dense = last["dense"]
             resolution_px = f"{dense.images.shape[-2]}x{dense.images.shape[-1]}"
             med_dense = statistics.median(times["dense"])
