@@ -390,7 +390,8 @@ def plot_curves(path: str, tok_info: dict, tf_info: dict) -> None:
             a2.set_ylabel("recon PSNR (dB)", color="C3")
         ax[0, 1].set_title("codebook usage / reconstruction")
         ax[0, 1].set_xlabel("step")
-        ax[0, 1].legend(loc="lower right")
+        if us:
+            ax[0, 1].legend(loc="lower right")
     fh = tf_info.get("history", [])
     if fh:
         y = smooth([h["loss"] for h in fh])
@@ -482,9 +483,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if key not in preset:
             raise SystemExit(f"--set {key}: not a preset field ({', '.join(sorted(preset))})")
         preset[key] = ast.literal_eval(value)
+    smoke = args.max_steps is not None and args.num_images is None
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if smoke:  # a smoke test with few steps does not need the full data set
+        args.num_images = min(args.num_images, max(64, 4 * args.max_steps * (args.batch or args.tf_batch)))
+        args.eval_images = min(args.eval_images, 32)
     if args.max_steps is not None:
         args.tok_steps = min(args.tok_steps, args.max_steps)
         args.tf_steps = min(args.tf_steps, args.max_steps)
@@ -520,13 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     clock.log(f"train_reference preset={args.preset} device={dev} amp={amp} torch={torch.__version__} "
               f"budget={args.max_minutes} min out={args.out}")
-    if dev.type == "cuda":
-        clock.log(f"GPU: {torch.cuda.get_device_name(dev)}")
 
     # 1. data (rendered before CUDA is touched by the training, with forked workers)
     train_np, labels_np, ev_np, ev_labels_np = make_data(args, clock)
     train_u8 = torch.from_numpy(train_np).to(dev)
     ev_u8 = torch.from_numpy(ev_np).to(dev)
+    if dev.type == "cuda":
+        clock.log(f"GPU: {torch.cuda.get_device_name(dev)}, {torch.cuda.get_device_properties(dev).total_memory / 2**30:.0f} GiB")
     save_png(os.path.join(args.out, "data.png"), train_np[: 4 * procedural.NUM_CLASSES], 2 * 4 if args.grid_px <= 64 else 8,
              args.grid_px)
     del train_np

@@ -69,7 +69,9 @@ def _attn_masked(attn: CachedSelfAttention, x: torch.Tensor, bias: torch.Tensor)
     if attn.qk_norm:
         q = F.normalize(q, dim=-1) * attn.log_scale.clamp(max=attn.MAX_LOG_SCALE).exp()
         k = F.normalize(k, dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=attn.scale)
+    # under autocast the normalisation may promote q, k to fp32 while v stays bf16: one dtype for SDPA
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(v.dtype), scale=attn.scale)
     return attn.proj(out.transpose(1, 2).reshape(n, length, attn.width))
 
 
@@ -189,6 +191,7 @@ def save_reference(
     weight_map = {}
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(out_dir, name), metadata=meta)
+        os.chmod(os.path.join(out_dir, name), 0o644)  # safetensors creates 0600 files
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(out_dir, INDEX_FILE), "w") as fh:
