@@ -174,7 +174,10 @@ def run_phase(
             evals.append(eval_fn(step))
     if eval_fn is not None and (not evals or evals[-1]["step"] != step):
         evals.append(eval_fn(step))
-    clock.log(f"{name}: {step} steps in {time.time() - t:.1f}s")
+    mem = ""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    clock.log(f"{name}: {step} steps in {time.time() - t:.1f}s ({step / max(time.time() - t, 1e-9):.2f} it/s){mem}")
     hist = [{k: (v if isinstance(v, (int, str)) else float(v)) for k, v in h.items()} for h in hist]
     return hist, evals, step
 
@@ -532,8 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     ev_u8 = torch.from_numpy(ev_np).to(dev)
     if dev.type == "cuda":
         clock.log(f"GPU: {torch.cuda.get_device_name(dev)}, {torch.cuda.get_device_properties(dev).total_memory / 2**30:.0f} GiB")
-    save_png(os.path.join(args.out, "data.png"), train_np[: 4 * procedural.NUM_CLASSES], 2 * 4 if args.grid_px <= 64 else 8,
-             args.grid_px)
+    save_png(os.path.join(args.out, "data.png"), train_np[: 4 * procedural.NUM_CLASSES], 8, args.grid_px)
     del train_np
 
     # 2. tokenizer
@@ -580,8 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     clock.log(f"saved {', '.join(files)}; weights {weights / 1e6:.2f} MB in {len(files) - 2} shard(s)")
     with open(os.path.join(args.out, "metrics.json"), "w") as fh:
         json.dump({"summary": summary, "sizes": sizes, "tokenizer": tok_info, "transformer": tf_info}, fh)
-    plot_curves(os.path.join(args.out, "loss.png"), tok_info, tf_info)
-    clock.log("loss.png written")
+    try:
+        plot_curves(os.path.join(args.out, "loss.png"), tok_info, tf_info)
+        clock.log("loss.png written")
+    except Exception:
+        clock.log("loss plot failed:\n" + traceback.format_exc())
     if not args.no_samples:
         try:
             info = sample_grid(args, clock, args.out, dev)
