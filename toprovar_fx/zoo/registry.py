@@ -19,7 +19,12 @@ import torch.nn as nn
 
 from .checkpoint import load_checkpoint
 from .hart import HART_1024_PATCH_NUMS, HARTConfig, HARTStyle
+from .ref_model import load_into as _load_reference_into
+from .ref_model import read_reference_config, var_config_of
 from .var import VARConfig, VARStyle
+
+# The trained reference model (docs/reference-model.md): fp16 safetensors shards shipped here.
+_VAR_REF_DIR = os.path.join(os.path.dirname(__file__), "weights", "var-ref")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,13 @@ _SPECS: dict[str, ModelSpec] = {
             "var-tiny", "var", "tiny VAR-style model for tests (4 blocks, width 64)", VARConfig(**_TINY)
         ),
         ModelSpec("infinity-tiny", "infinity", "tiny Infinity-style model for tests", "tiny"),
+        ModelSpec(
+            "var-ref",
+            "var",
+            "trained VAR-style reference model (16 procedural classes, 256px, depth 8, width 288)",
+            var_config_of(read_reference_config(_VAR_REF_DIR)),
+            pretrained_checkpoint=_VAR_REF_DIR,
+        ),
         ModelSpec(
             "hart-tiny",
             "hart",
@@ -183,7 +195,8 @@ def build(
             model = model.to_empty(device="cpu")
             model.init_weights(torch.Generator(device="cpu").manual_seed(seed))
     if ckpt is not None:
-        model = load_checkpoint(model, ckpt)
+        ckpt = os.fspath(ckpt)
+        model = _load_reference_into(model, ckpt) if os.path.isdir(ckpt) else load_checkpoint(model, ckpt)
     return model.to(device=device, dtype=dtype).eval()
 
 
