@@ -18,10 +18,13 @@ import torch.fx as fx
 
 from .passes.context import PassContext
 from .passes.pipeline import run_passes
+from .runtime.dispatch import accumulate_scale, dispatch_branch
 from .runtime.session import Session
 from .settings import Settings, parse_options
 
 log = logging.getLogger("toprovar")
+
+_RUNTIME_CALLS = (dispatch_branch, accumulate_scale)
 
 # options dict (kept alive here) -> its Session; Dynamo passes the same dict object for every
 # graph of one torch.compile call.
@@ -130,10 +133,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
         work = run_passes(_copy_graph_module(gm), ctx)
         fn: Callable = work.forward
         if _wants_inductor(settings, example_inputs):
-            if any(n.op == "get_attr" and n.target.startswith("toprovar_branch_") for n in work.graph.nodes):
-                # The dispatcher decides in Python at run time; tracing it with fake tensors would
-                # freeze one decision into the compiled code. Such graphs run as rewritten FX.
-                log.info("toprovar: graph %d holds branch dispatch; not handed to Inductor", graph_id)
+            if any(n.op == "call_function" and n.target in _RUNTIME_CALLS for n in work.graph.nodes):
+                # The dispatcher and the accumulation gate decide in Python at run time; tracing them
+                # with fake tensors would freeze one decision into the compiled code. Such graphs
+                # run as rewritten FX.
+                log.info("toprovar: graph %d holds run-time decisions; not handed to Inductor", graph_id)
             else:
                 from torch._inductor.compile_fx import compile_fx
 

@@ -112,10 +112,9 @@ class Session:
 
     def fallback(self, message: str) -> None:
         """Record a fallback; warn once per distinct message."""
-        if self.gen is not None:
-            self.gen.fallbacks.append(message)
-        else:
-            self.session_fallbacks.append(message)
+        target = self.gen.fallbacks if self.gen is not None else self.session_fallbacks
+        if message not in target:
+            target.append(message)
         if message not in self._warned:
             self._warned.add(message)
             log.warning("toprovar: %s", message)
