@@ -21,6 +21,7 @@ ALL_NAMES = [
     "infinity-2b",
     "infinity-8b",
     "hart-0.7b",
+    "var-ref",
 ]
 
 
@@ -124,3 +125,13 @@ def test_infinity_names_call_build_infinity_lazily(monkeypatch):
     for name, cfg in [("infinity-tiny", "tiny"), ("infinity-2b", "2b"), ("infinity-8b", "8b")]:
         build(name, seed=3, device="meta", depth=2)
         assert calls[-1] == (cfg, 3, "meta", {"depth": 2})
+
+
+def test_var_ref_loads_the_shipped_trained_checkpoint():
+    m = build("var-ref", pretrained=True)
+    assert m.fingerprint() == {"family": "var", "depth": 8, "width": 288, "heads": 6, "num_scales": 10}
+    assert model_card("var-ref")["pretrained"]
+    random = build("var-ref")
+    w = dict(m.named_parameters())
+    differs = [n for n, p in random.named_parameters() if not torch.equal(p, w[n])]
+    assert differs  # the trained weights were loaded, not the seeded init
