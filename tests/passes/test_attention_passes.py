@@ -139,3 +139,12 @@ def test_self_vs_cross_attention():
 def test_attention_on_graph_inputs_is_left_to_the_runtime():
     gm = _traced(lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v), *_qkv(layout="blhd")[:2], torch.randn(2, 4, 14, 16))
     assert [s.kind for s in find_attention_sites(gm)] == ["unknown"]
+
+
+def test_cached_keys_concatenated_from_graph_inputs_are_left_to_the_runtime():
+    def fn(q, cache, k_new, v):
+        return F.scaled_dot_product_attention(q, torch.cat((cache, k_new), dim=2), v)
+
+    q = torch.randn(1, 2, 4, 8)
+    gm = _traced(fn, q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 9, 8))
+    assert [s.kind for s in find_attention_sites(gm)] == ["unknown"]

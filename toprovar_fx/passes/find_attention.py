@@ -214,10 +214,14 @@ _VIEW_METHODS = ("view", "reshape", "transpose", "permute", "contiguous", "unsqu
 
 
 def _input_view(node) -> bool:
-    """``node`` is a graph input seen through view-like ops only (no computation in this graph)."""
+    """``node`` is a graph input seen through view-like ops only (no computation in this graph),
+    or a ``torch.cat`` of such inputs (a K/V cache extended by keys computed in another graph)."""
     while isinstance(node, fx.Node):
         if node.op == "placeholder":
             return True
+        if node.op == "call_function" and node.target in (torch.cat, torch.concat):
+            parts = node.args[0]
+            return isinstance(parts, (list, tuple)) and all(_input_view(p) for p in parts)
         is_view = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
             node.op == "call_function" and node.target in (operator.getitem, torch.transpose, torch.reshape))
         if not is_view:

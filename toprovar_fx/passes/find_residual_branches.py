@@ -229,7 +229,11 @@ def find_residual_branches(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pass entry point: store the branches in ``ctx.branches`` (graph unchanged)."""
     ctx.branches = analyse_branches(gm)
     for b in ctx.branches:
-        if b.kind == "self_attn" and not b.prunable and "static" not in b.why_not:
+        if b.prunable or "static" in b.why_not:
+            continue
+        if b.kind == "self_attn":
             ctx.session.unrouted.add(b.why_not)
+        elif ctx.mode == "prune":
+            ctx.session.fallback(f"a {b.kind} branch cannot be routed ({b.why_not}); it always runs on all tokens")
     kinds = ", ".join(b.kind + ("" if b.prunable else f"(fixed: {b.why_not})") for b in ctx.branches)
     return PassResult(gm, False, f"{len(ctx.branches)} residual branch(es) [{kinds}]")

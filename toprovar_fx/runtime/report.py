@@ -47,6 +47,7 @@ class GenerationReport:
     head_dim: int | None = None
     width: int | None = None  # heads * head_dim
     start_scale: int | None = None  # D (0-based), None = pruning never active
+    rho_layer: int = 0  # the layer whose entropy gives rho (the policy's measure_layer; 0 without policy)
     scales: list[ScaleReport] = field(default_factory=list)
     flops_dense: float = 0.0
     flops_executed: float = 0.0

@@ -231,6 +231,7 @@ class Session:
             return rep
         rep.rows = gen.rows
         rep.start_scale = gen.start_scale
+        rep.rho_layer = self._measure_layer()
         rep.compiles = self.graphs - gen.compiles_before
         rep.recompiles = rep.compiles if gen.index > 0 else 0
         rep.compile_seconds = self.compile_seconds - gen.compile_seconds_before
