@@ -11,15 +11,6 @@ from safetensors import safe_open
 from toprovar_fx.zoo import build, load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (10x on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", ["var-tiny", "hart-tiny"])
 def test_round_trip_reproduces_weights_and_images(tmp_path, name):
     src = build(name, seed=0)

@@ -11,15 +11,6 @@ from toprovar_fx.zoo.reference_pruning import BlockDecision, RefPruning
 from toprovar_fx.zoo.var import VARStyle
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (10x on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(single_thread):
     m = build("hart-tiny")

@@ -24,15 +24,6 @@ from toprovar_fx.zoo.rope2d import apply_rope2d, rope2d_table
 PROMPTS = ["a red fox jumping over a lazy dog in the snow", "cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-vCPU box make tiny ops erratically slow; one is steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_infinity("tiny", seed=0)
