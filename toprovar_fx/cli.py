@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile(dynamic=True): needed by cfg.reuse_cond_from (SkipVAR)")
     p.set_defaults(handler=_bench, _parser=p)
 
-    p = sub.add_parser("demo", help="dense vs toprovar on the embedded tiny model: speed, fidelity, PNGs")
-    p.add_argument("--model", default="var-tiny", choices=["var-tiny", "hart-tiny"])
-    p.add_argument("--policy", default="var-tiny", help="policy name or YAML path (default: var-tiny)")
+    p = sub.add_parser("demo", help="dense vs toprovar on the embedded trained model: speed, fidelity, PNGs")
+    p.add_argument("--model", default="var-ref", choices=["var-ref", "var-tiny", "hart-tiny"],
+                   help="var-ref: the trained reference model shipped in the package (default)")
+    p.add_argument("--policy", default=None, help="policy name or YAML path (default: the model's own policy)")
     p.add_argument("--runs", type=_positive("--runs"), default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=3)
@@ -184,6 +185,8 @@ def _validate(args: argparse.Namespace) -> None:
             raise ToolError(f"--out must end with .yaml or .yml, got {args.out!r}")
         if args.base is not None:
             load_policy(args.base)
+    if args.command == "demo" and args.policy is None:
+        args.policy = args.model  # every demo model ships a policy of its own name
     if args.command in ("plan", "inspect", "demo"):
         args.policy_obj = load_policy_arg(args.policy, getattr(args, "preset", None))
     if args.command == "plan" and args.calibration is not None:
