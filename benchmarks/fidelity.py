@@ -827,6 +827,22 @@ Fallbacks reported by the backend: {'none' if not fallbacks else ''}
 `fidelity_grid.png`: for every class, its first benchmark sample: dense, then toprovar at the
 calibrated budget, then toprovar at its strongest budget.
 
+## Reproduce
+
+```bash
+python benchmarks/fidelity.py --pooled-batch 8   # everything above (~21 min on this 2-core CPU, 1 thread)
+python benchmarks/fidelity.py --calibrate --pooled-batch 8   # the same after re-running the calibration (+ ~1 min)
+python benchmarks/fidelity.py --grid-only        # fidelity_grid.png only (~70 s; the same images)
+python benchmarks/fidelity.py --render-only      # fidelity.md and fidelity.png from fidelity.json
+python -m pytest tests/benchmarks                # the CI-size machinery check (~30 s)
+```
+
+With the `toprovar` command: `toprovar bench --model var-ref --policies
+dense,benchmarks/results/var-ref-calibrated.yaml` measures latency, FLOP ratio and the fidelity of one
+sample, but samples zoo VAR models with the tool's fixed settings (cfg 1.5, no top-p), not var-ref's
+cfg 2.0 / top-p 0.9; `toprovar calibrate --model var-ref` likewise (this benchmark calls
+`calibrate_policy` with an adapter that samples as above).
+
 ## Ordering and explanation
 
 {analysis}
