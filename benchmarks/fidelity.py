@@ -824,8 +824,9 @@ Fallbacks reported by the backend: {'none' if not fallbacks else ''}
 
 ![dense next to toprovar](fidelity_grid.png)
 
-`fidelity_grid.png`: for every class, its first benchmark sample: dense, then toprovar at the
-calibrated budget, then toprovar at its strongest budget.
+`fidelity_grid.png`: for every class a training image (procedural data set, seed 0; not the same
+sample), then its first {GRID_PER_CLASS} benchmark samples, each as dense | toprovar at the calibrated budget |
+toprovar at its strongest budget (same label and seed).
 
 ## Reproduce
 
