@@ -111,3 +111,21 @@ def test_flop_ratio_agrees_with_an_independent_count():
     assert heads * (c // heads) == c
     assert rep.flops_dense == pytest.approx(dense_count, rel=1e-9)
     assert rep.flops_executed == pytest.approx(count(executed), rel=1e-9)
+
+
+def test_entropy_decisions_are_per_image_and_shared_by_cfg_halves():
+    """Batch 2 with CFG: rows are [cond0, cond1, uncond0, uncond1]; each image keeps its own
+    tokens, its cond and uncond rows the same ones, every row the same count."""
+    from toprovar_fx.runtime.session import last_session
+
+    m = model("var-tiny")
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny"})
+    sampler_call("var-tiny", 2)(fast)
+    kept = last_session().gen.kept_idx
+    assert kept, "the policy pruned nothing"
+    differs = False
+    for idx in kept.values():
+        assert idx.shape[0] == 4
+        assert torch.equal(idx[0], idx[2]) and torch.equal(idx[1], idx[3])
+        differs |= not torch.equal(idx[0], idx[1])
+    assert differs  # two images, two entropy maps, different kept tokens somewhere

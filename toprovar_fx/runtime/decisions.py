@@ -366,7 +366,7 @@ class Decider:
             return
         if ent is None:
             return
-        h = ent.float().mean(0) if tok.cfg == "shared" else ent.float()
+        h = _per_image(ent) if tok.cfg == "shared" else ent.float()  # [images or rows, L]
         hhat = h / (h.mean(-1, keepdim=True) if tok.normalization == "mean" else h.sum(-1, keepdim=True))
         phi = (s + 1) / res.num_scales if tok.phi == "linear" else 1.0
         layers = [lay for lay in range(depth) if gen.layer_classes.get(lay) == "detail"] or list(range(depth))
@@ -381,8 +381,9 @@ class Decider:
 
     @staticmethod
     def _rho(ent: torch.Tensor) -> float:
-        h = ent.float().mean(0)
-        return float((h < h.mean()).float().mean())
+        """rho_s per image (CFG halves averaged), then averaged over the images of the batch."""
+        h = _per_image(ent)
+        return float((h < h.mean(-1, keepdim=True)).float().mean())
 
     def _indices(self, x: torch.Tensor, k: int, tick) -> torch.Tensor:
         """Kept token positions ``[rows, k]``, sorted ascending."""
@@ -400,7 +401,17 @@ class Decider:
             latest = tok.entropy_source == "latest_full" and self.latest_full is not None
             ent = self.latest_full if latest else measured
             if tok.cfg == "shared":
-                idx = ent.float().mean(0).topk(k, largest=False).indices.expand(rows, k)
+                idx = _per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
+                idx = idx.repeat(rows // idx.shape[0], 1) if rows % idx.shape[0] == 0 else idx[:1].expand(rows, k)
             else:
                 idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
         return idx.sort(dim=1).values
+
+
+def _per_image(ent: torch.Tensor) -> torch.Tensor:
+    """Entropy ``[rows, L]`` -> ``[images, L]``: the cond and uncond halves of a CFG batch (cond
+    rows first, as VAR-family samplers lay it out) averaged per image; odd row counts (no CFG
+    doubling) are taken as they are."""
+    e = ent.float()
+    rows = e.shape[0]
+    return (e[: rows // 2] + e[rows // 2:]) / 2 if rows % 2 == 0 else e
