@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .entropy_stats import low_entropy_ratio, per_image
 from .token_ops import gather_tokens, restore_cached, restore_identity
 
 
@@ -330,60 +331,63 @@ class Decider:
             gen.layer_scores[layer] = r
 
     def _decide_scale(self, res, tick) -> None:
-        """Once per scale: is pruning active, and how many tokens each layer keeps (one sync)."""
+        """Once per scale: is pruning active, and how many tokens each layer keeps.
+
+        rho_s and every layer's kept count are computed on the device and moved to the host
+        together: the one host synchronisation of this scale.
+        """
         cur, gen, pol = self.cur, self.gen, self.policy
         cur.decided = True
         s = tick.scale
+        if pol.scale.mode == "off" or (gen.start_scale is None and s < res.min_start):
+            return
         ent = gen.entropy.get((s, pol.scale.measure_layer))
         n = gen.tokens[s]
-        if s in res.skip_scales:
-            pass  # whole-scale skips need the sampler's accumulation; see docs/policies.md
-        if pol.scale.mode == "off":
-            return
+        depth = self.session.clock.depth or 0
+        need_rho = (gen.start_scale is None and pol.scale.criterion == "rho" and s < res.max_start
+                    and ent is not None)
+        gated = res.ratios is None and ent is not None
+        pending = []
+        if need_rho:
+            pending.append(low_entropy_ratio(ent).view(1))
+        if gated:
+            layers, counts = self._kept_counts(ent, res, s, depth)
+            pending.append(counts.round())
+        values = torch.cat(pending).tolist() if pending else []
         if gen.start_scale is None:
-            if s < res.min_start:
-                return
             if pol.scale.criterion == "fixed" or s >= res.max_start:
                 gen.start_scale = s
-            elif ent is not None:
-                rho_s = self._rho(ent)
-                gen.rho[s] = rho_s
-                ok = rho_s <= pol.scale.tau if pol.scale.direction == "le" else rho_s >= pol.scale.tau
-                if ok:
+            elif need_rho:
+                rho_s = gen.rho[s] = values[0]
+                if (rho_s <= pol.scale.tau) if pol.scale.direction == "le" else (rho_s >= pol.scale.tau):
                     gen.start_scale = s
             if gen.start_scale is None:
                 return
         cur.active = True
         gen.active[s] = True
         tok = pol.token
-        depth = self.session.clock.depth or 0
         if res.ratios is not None:
             ratio = res.ratios.get(s)
-            if ratio is None:
-                return
-            k = n - math.floor(ratio * n)
-            cur.kept = dict.fromkeys(range(depth), k)
+            if ratio is not None:
+                cur.kept = dict.fromkeys(range(depth), n - math.floor(ratio * n))
             return
-        if ent is None:
+        if not gated:
             return
-        h = _per_image(ent) if tok.cfg == "shared" else ent.float()  # [images or rows, L]
+        for lay, c in zip(layers, values[1:] if need_rho else values):
+            k = max(int(c), math.ceil(tok.min_keep_ratio * n))
+            cur.kept[lay] = min(n, -(-k // tok.bucket) * tok.bucket)
+
+    def _kept_counts(self, ent, res, s: int, depth: int) -> tuple[list[int], torch.Tensor]:
+        """Per prunable layer, ``sum_i P_keep(i)`` (the largest over the images), on the device."""
+        tok, gen = self.policy.token, self.gen
+        h = per_image(ent) if tok.cfg == "shared" else ent.float()  # [images or rows, L]
         hhat = h / (h.mean(-1, keepdim=True) if tok.normalization == "mean" else h.sum(-1, keepdim=True))
         phi = (s + 1) / res.num_scales if tok.phi == "linear" else 1.0
         layers = [lay for lay in range(depth) if gen.layer_classes.get(lay) == "detail"] or list(range(depth))
         r = torch.tensor([gen.layer_scores.get(lay, 1.0) for lay in layers], dtype=torch.float32, device=h.device)
         q = phi * r.view(-1, *([1] * hhat.dim())) * hhat.unsqueeze(0)
         p_keep = 1 - (tok.alpha_min + (tok.alpha_max - tok.alpha_min) * q).clamp(0, 1)
-        counts = p_keep.sum(-1).reshape(len(layers), -1).amax(-1)
-        for lay, c in zip(layers, counts.round().tolist()):  # the one host sync of this scale
-            k = max(int(c), math.ceil(tok.min_keep_ratio * n))
-            k = min(n, -(-k // tok.bucket) * tok.bucket)
-            cur.kept[lay] = k
-
-    @staticmethod
-    def _rho(ent: torch.Tensor) -> float:
-        """rho_s per image (CFG halves averaged), then averaged over the images of the batch."""
-        h = _per_image(ent)
-        return float((h < h.mean(-1, keepdim=True)).float().mean())
+        return layers, p_keep.sum(-1).reshape(len(layers), -1).amax(-1)
 
     def _indices(self, x: torch.Tensor, k: int, tick) -> torch.Tensor:
         """Kept token positions ``[rows, k]``, sorted ascending."""
@@ -401,17 +405,8 @@ class Decider:
             latest = tok.entropy_source == "latest_full" and self.latest_full is not None
             ent = self.latest_full if latest else measured
             if tok.cfg == "shared":
-                idx = _per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
+                idx = per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
                 idx = idx.repeat(rows // idx.shape[0], 1) if rows % idx.shape[0] == 0 else idx[:1].expand(rows, k)
             else:
                 idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
         return idx.sort(dim=1).values
-
-
-def _per_image(ent: torch.Tensor) -> torch.Tensor:
-    """Entropy ``[rows, L]`` -> ``[images, L]``: the cond and uncond halves of a CFG batch (cond
-    rows first, as VAR-family samplers lay it out) averaged per image; odd row counts (no CFG
-    doubling) are taken as they are."""
-    e = ent.float()
-    rows = e.shape[0]
-    return (e[: rows // 2] + e[rows // 2:]) / 2 if rows % 2 == 0 else e

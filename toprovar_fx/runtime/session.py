@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .clock import ScaleClock, Tick
+from .entropy_stats import low_entropy_ratio
 from .report import GenerationReport, LayerReport, ScaleReport
 
 log = logging.getLogger("toprovar")
@@ -269,10 +270,7 @@ class Session:
 
     def _rho(self, gen: GenerationState, scale: int) -> float | None:
         ent = gen.entropy.get((scale, self._measure_layer()))
-        if ent is None:
-            return None
-        h = ent.float().mean(0)
-        return float((h < h.mean()).float().mean())
+        return None if ent is None else float(low_entropy_ratio(ent))
 
     @staticmethod
     def _layer_means(gen: GenerationState) -> dict[tuple[int, int], float]:
