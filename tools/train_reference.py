@@ -6,6 +6,9 @@ start); it always saves what it has::
 
     PYTHONPATH=. python3 tools/train_reference.py --preset h200 --out OUT/ref     # one H200, ~8.5 min
     PYTHONPATH=. python3 tools/train_reference.py --preset micro --out /tmp/ref   # CPU, < 1 min
+    # warm start: continue training the transformer of a saved checkpoint, tokenizer frozen
+    PYTHONPATH=. python3 tools/train_reference.py --preset h200 --init-from toprovar_fx/zoo/weights/var-ref \
+        --tok-steps 0 --out OUT/ref
 
 Phases (each logs with timestamps):
 
@@ -20,7 +23,18 @@ Phases (each logs with timestamps):
    (``toprovar_fx.zoo.ref_model.teacher_forced_logits``), 10% null-class labels for CFG.
 5. save: fp16 safetensors shards + ``config.json`` + index (``ref_model.save_reference``),
    ``metrics.json``, ``loss.png``; then the saved checkpoint is reloaded and generates
-   ``samples.png`` (rows: classes); ``recon.png``: held-out images over reconstructions.
+   ``samples.png`` (rows: classes). ``data_recon.png`` (written after the tokenizer phase):
+   training images, then held-out images with their reconstructions. A run writes exactly
+   these 8 files (with a 2-shard checkpoint) and nothing else into ``--out``.
+
+Warm start (``--init-from DIR``, a saved checkpoint directory): the tokenizer and the
+transformer start from DIR's weights (strict key/shape check; DIR's config must equal the
+preset's, else the run stops naming the field). ``--tok-steps 0`` freezes the tokenizer (no
+tokenizer phase: all the time after the data and the token maps goes to the transformer).
+Each phase that runs gets a fresh warm-up + cosine schedule (a warm restart) with a peak
+learning rate of ``WARM_RESTART_LR_SCALE`` x the preset's unless ``--tf-lr`` / ``--tok-lr``
+is given; the optimiser moments start at zero (they are not saved). ``metrics.json`` and
+``config.json`` record the lineage (``training.lineage``: every run's steps and budget).
 
 Each training phase runs until ``max(step / steps, elapsed / phase budget) >= 1``; the
 learning rate follows that progress (warm-up, cosine), so a slower machine anneals fully in
@@ -51,7 +65,10 @@ import torch.nn.functional as F  # noqa: E402
 from toprovar_fx.data import procedural  # noqa: E402
 from toprovar_fx.zoo.ref_model import (  # noqa: E402
     block_causal_bias,
+    load_into,
     load_reference,
+    load_reference_tokenizer,
+    read_reference_config,
     save_reference,
     teacher_forced_logits,
     training_init_,
@@ -77,6 +94,15 @@ PRESETS: dict[str, dict] = {
         restart_every=25, grid_per_class=4, grid_px=128,
     ),
 }
+
+# Peak learning rate of a warm restart (``--init-from``) relative to the preset's, unless
+# ``--tf-lr`` / ``--tok-lr`` is given. Below 1 because the loaded weights already sit in an
+# annealed basin and the AdamW moments restart from zero (a full-height re-warm would first
+# undo part of the annealing gain); not much below, because the first h200 run stopped far from
+# convergence (held-out CE still falling at the end) and the warm start is meant to move on.
+WARM_RESTART_LR_SCALE = 0.75
+# the at most 8 files a run writes into --out (with a checkpoint of 2 shards)
+OUT_PICTURES = ("loss.png", "samples.png", "data_recon.png")
 
 
 # --------------------------------------------------------------------------- logging / budget
@@ -116,6 +142,92 @@ def to_u8(img01: torch.Tensor) -> np.ndarray:
     return img01.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+# --------------------------------------------------------------------------- configs / warm start
+def tokenizer_config(args: argparse.Namespace) -> TokenizerConfig:
+    return TokenizerConfig(vocab_size=args.vocab, cvae=args.cvae, ch=args.tok_ch, ch_mult=tuple(args.tok_ch_mult),
+                           enc_ch=args.enc_ch, enc_ch_mult=tuple(args.enc_ch_mult), patch_nums=tuple(args.patch_nums))
+
+
+def var_config(args: argparse.Namespace) -> VARConfig:
+    return VARConfig(depth=args.depth, width=args.width, heads=args.heads, mlp_ratio=args.mlp_ratio,
+                     num_classes=procedural.NUM_CLASSES, vocab_size=args.vocab, cvae=args.cvae,
+                     patch_nums=tuple(args.patch_nums), vq_ch=args.tok_ch, vq_ch_mult=tuple(args.tok_ch_mult))
+
+
+def _plain(v: object) -> object:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_init_compatible(args: argparse.Namespace) -> dict:
+    """``config.json`` of ``--init-from``; exits naming the first field that differs from this run's."""
+    try:
+        cfg = read_reference_config(args.init_from)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--init-from {args.init_from}: not a reference checkpoint directory ({exc})") from exc
+    if not cfg.get("tokenizer"):
+        raise SystemExit(f"--init-from {args.init_from}: the checkpoint has no tokenizer encoder")
+    try:
+        ours = {"var": var_config(args).to_dict(), "tokenizer": tokenizer_config(args).to_dict()}
+    except ValueError as exc:
+        raise SystemExit(f"invalid model config: {exc}") from exc
+    for section, fields in ours.items():
+        theirs = cfg[section]
+        for key in sorted(set(fields) | set(theirs)):
+            a, b = _plain(fields.get(key)), _plain(theirs.get(key))
+            if a != b:
+                raise SystemExit(f"--init-from {args.init_from}: config field {section}.{key} is {b!r} in the "
+                                 f"checkpoint but {a!r} in this run (preset {args.preset!r} and --set)")
+    return cfg
+
+
+def _run_record(summary: dict) -> dict:
+    """One run of a lineage, from the ``training`` record of a checkpoint's ``config.json``."""
+    tf = summary.get("transformer_train") or {}
+    tk = summary.get("tokenizer_train") or {}
+    return {"init_from": summary.get("init_from"), "preset": summary.get("preset"),
+            "budget_minutes": (summary.get("args") or {}).get("max_minutes"),
+            "wall_minutes": summary.get("wall_minutes"),
+            "tokenizer_steps": tk.get("steps"), "tokenizer_frozen": bool(tk.get("frozen", False)),
+            "transformer_steps": tf.get("steps"), "transformer_lr": tf.get("lr"),
+            "val_loss": (tf.get("heldout") or {}).get("val_loss"),
+            "heldout_psnr": (tk.get("heldout_psnr") or {}).get("psnr")}
+
+
+def previous_runs(init_cfg: dict, init_dir: str) -> list[dict]:
+    """The runs that produced ``init_dir``: its recorded lineage, else one run read from its
+    ``config.json`` training record (or ``metrics.json`` summary), else one run marked unknown."""
+    summary = init_cfg.get("training")
+    if not summary:
+        try:
+            with open(os.path.join(init_dir, "metrics.json")) as fh:
+                summary = json.load(fh)["summary"]
+        except (OSError, ValueError, KeyError):
+            return [{"unknown": True, "note": f"no training record in {init_dir}"}]
+    if summary.get("lineage"):
+        return list(summary["lineage"]["runs"])
+    return [_run_record(summary)]
+
+
+def lineage_of(runs: list[dict]) -> dict:
+    def total(key: str) -> float:
+        return sum(r.get(key) or 0 for r in runs)
+
+    return {"runs": runs, "total_tokenizer_steps": int(total("tokenizer_steps")),
+            "total_transformer_steps": int(total("transformer_steps")),
+            "total_budget_minutes": round(total("budget_minutes"), 2)}
+
+
+def checkpoint_sha256(init_cfg: dict, init_dir: str) -> str:
+    """SHA-256 over the shards of a checkpoint, in ``config.json`` order (identifies the warm start)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in init_cfg["shards"]:
+        with open(os.path.join(init_dir, name), "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- phases
 def make_data(args: argparse.Namespace, clock: Clock) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Render the training set (stops early at ``--data-max-seconds``) and the held-out set."""
@@ -153,13 +265,14 @@ def run_phase(
     eval_every: int = 0,
     log_every: int = 25,
 ) -> tuple[list[dict], list[dict], int]:
-    """Run ``step_fn(step, progress)`` until progress ``max(step/steps, t/budget) >= 1``."""
+    """Run ``step_fn(step, progress)`` until progress ``max(step/steps, t/budget) >= 1``
+    (``steps <= 0``: no step, only the final evaluation)."""
     t = time.time()
     hist: list[dict] = []
     evals: list[dict] = []
     step = 0
     clock.log(f"{name}: up to {steps} steps or {budget_s:.0f}s")
-    while not clock.stop_requested:
+    while steps > 0 and not clock.stop_requested:
         progress = max(step / steps, (time.time() - t) / max(budget_s, 1e-6))
         if progress >= 1.0:
             break
@@ -183,16 +296,27 @@ def run_phase(
 
 
 def train_tokenizer(args, clock, dev, train_u8, ev_u8, ev_labels, amp) -> tuple[RefTokenizer, dict]:
-    cfg = TokenizerConfig(vocab_size=args.vocab, cvae=args.cvae, ch=args.tok_ch, ch_mult=tuple(args.tok_ch_mult),
-                          enc_ch=args.enc_ch, enc_ch_mult=tuple(args.enc_ch_mult), patch_nums=tuple(args.patch_nums))
-    tok = RefTokenizer(cfg)
-    tok.init_weights(torch.Generator().manual_seed(args.seed + 1))
+    """Train the tokenizer (from ``--init-from``'s weights if given); ``--tok-steps 0``: frozen."""
+    cfg = tokenizer_config(args)
+    if args.init_from:
+        tok = load_reference_tokenizer(args.init_from)  # strict keys/shapes, safetensors only
+        tok.train()
+        origin = f"weights from {args.init_from}"
+    else:
+        tok = RefTokenizer(cfg)
+        tok.init_weights(torch.Generator().manual_seed(args.seed + 1))
+        origin = "training init"
+    frozen = args.tok_steps <= 0
+    if frozen:
+        tok.requires_grad_(False)
     tok.to(dev)
     if dev.type == "cuda":
         tok.to(memory_format=torch.channels_last)
     clock.log(f"tokenizer: {count_params(tok) / 1e6:.2f}M params (encoder {count_params(tok.encoder) / 1e6:.2f}M, "
-              f"decoder side {count_params(tok.vae) / 1e6:.2f}M), V={cfg.vocab_size}, Cvae={cfg.cvae}")
-    opt = torch.optim.AdamW(tok.parameters(), lr=args.tok_lr, betas=(0.9, 0.99), weight_decay=0.0)
+              f"decoder side {count_params(tok.vae) / 1e6:.2f}M), V={cfg.vocab_size}, Cvae={cfg.cvae}, {origin}"
+              + (", frozen (--tok-steps 0)" if frozen else ""))
+    params = [p for p in tok.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.tok_lr, betas=(0.9, 0.99), weight_decay=0.0) if params else None
     g_batch = torch.Generator().manual_seed(args.seed + 2)
     g_dev = torch.Generator(device=dev).manual_seed(args.seed + 3)
     n = train_u8.shape[0]
@@ -252,11 +376,11 @@ def train_tokenizer(args, clock, dev, train_u8, ev_u8, ev_labels, amp) -> tuple[
         return out
 
     tok.train()
-    budget = max((clock.left() - args.reserve_s) * args.tok_frac, 1.0)
+    budget = 0.0 if frozen else max((clock.left() - args.reserve_s) * args.tok_frac, 1.0)
     hist, evals, steps = run_phase("tokenizer", args.tok_steps, budget, clock, step_fn, eval_fn,
                                    args.eval_every, args.log_every)
     tok.eval()
-    return tok, {"history": hist, "evals": evals, "steps": steps, "config": cfg.to_dict(),
+    return tok, {"history": hist, "evals": evals, "steps": steps, "frozen": frozen, "config": cfg.to_dict(),
                  "params": count_params(tok)}
 
 
@@ -275,18 +399,27 @@ def tokenize_all(tok: RefTokenizer, images_u8: torch.Tensor, dev: torch.device, 
     return torch.cat(ids, 0), torch.cat(xs, 0)
 
 
-def train_transformer(args, clock, dev, tok, ids, x_in, labels, ev_ids, ev_x, ev_labels, amp) -> tuple[VARStyle, dict]:
-    vcfg = VARConfig(depth=args.depth, width=args.width, heads=args.heads, mlp_ratio=args.mlp_ratio,
-                     num_classes=procedural.NUM_CLASSES, vocab_size=args.vocab, cvae=args.cvae,
-                     patch_nums=tuple(args.patch_nums), vq_ch=args.tok_ch, vq_ch_mult=tuple(args.tok_ch_mult))
+def train_transformer(args, clock, dev, tok, ids, x_in, labels, ev_ids, ev_x, ev_labels, amp,
+                      generation: int = 0) -> tuple[VARStyle, dict]:
+    """Train the transformer (from ``--init-from``'s weights if given: a warm restart).
+
+    ``generation``: how many runs came before this one (varies the batch order of a warm start).
+    """
+    vcfg = var_config(args)
     model = VARStyle(vcfg)
-    model.vae.load_state_dict(tok.vae.state_dict())
-    training_init_(model, torch.Generator().manual_seed(args.seed + 4))
+    if args.init_from:
+        load_into(model, args.init_from)  # strict keys/shapes, safetensors only
+        origin = f"weights from {args.init_from}"
+    else:
+        training_init_(model, torch.Generator().manual_seed(args.seed + 4))
+        origin = "VAR training init"
+    model.vae.load_state_dict(tok.vae.state_dict())  # the tokenizer's decoder side (unchanged when frozen)
     model.to(dev)
     model.vae.requires_grad_(False)
     n_tf = count_params(model) - count_params(model.vae)
     clock.log(f"transformer: depth {vcfg.depth}, width {vcfg.width}, heads {vcfg.heads}, {n_tf / 1e6:.2f}M params "
-              f"(+{count_params(model.vae) / 1e6:.2f}M VQ decoder), {model.total_tokens} tokens/image")
+              f"(+{count_params(model.vae) / 1e6:.2f}M VQ decoder), {model.total_tokens} tokens/image, {origin}, "
+              f"peak lr {args.tf_lr:.3g}")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -295,7 +428,7 @@ def train_transformer(args, clock, dev, tok, ids, x_in, labels, ev_ids, ev_x, ev
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.tf_lr, betas=(0.9, 0.95), **({"fused": True} if dev.type == "cuda" else {}))
     bias = block_causal_bias(model.patch_nums, dev)
-    g_batch = torch.Generator().manual_seed(args.seed + 5)
+    g_batch = torch.Generator().manual_seed(args.seed + 5 + 7919 * generation)
     n = ids.shape[0]
     nc = procedural.NUM_CLASSES
     lens = [p * p for p in model.patch_nums]
@@ -349,9 +482,11 @@ def train_transformer(args, clock, dev, tok, ids, x_in, labels, ev_ids, ev_x, ev
     evals: list[dict] = []
     steps = 0
     try:
+        start_evals = [eval_fn(0)] if args.init_from else []  # the loaded model, before this run
         budget = max(clock.left() - args.reserve_s, 1.0)
         hist, evals, steps = run_phase("transformer", args.tf_steps, budget, clock, step_fn, eval_fn,
                                        args.eval_every, args.log_every)
+        evals = start_evals + evals
     except Exception:  # keep going: a partly trained transformer is still saved with the tokenizer
         clock.log("transformer training failed:\n" + traceback.format_exc())
     model.eval()
@@ -411,7 +546,8 @@ def plot_curves(path: str, tok_info: dict, tf_info: dict) -> None:
             ax[1, 1].set_xlabel("scale")
             ax[1, 1].set_title("transformer, held-out, per scale (teacher forcing)")
             ax[1, 1].legend(loc="upper center")
-        ax[1, 0].set_title("transformer cross-entropy")
+        ax[1, 0].set_title("transformer cross-entropy" + (" (warm start: step 0 = loaded model)"
+                                                          if tf_info.get("init_from") else ""))
         ax[1, 0].set_xlabel("step")
         ax[1, 0].legend()
     fig.tight_layout()
@@ -419,12 +555,39 @@ def plot_curves(path: str, tok_info: dict, tf_info: dict) -> None:
     plt.close(fig)
 
 
+def _resized(images_u8: np.ndarray, px: int) -> np.ndarray:
+    from PIL import Image
+
+    if images_u8.shape[1] == px:
+        return images_u8
+    return np.stack([np.asarray(Image.fromarray(im).resize((px, px), Image.BICUBIC)) for im in images_u8])
+
+
 def save_png(path: str, images_u8: np.ndarray, cols: int, px: int) -> None:
     from PIL import Image
 
-    if images_u8.shape[1] != px:
-        images_u8 = np.stack([np.asarray(Image.fromarray(im).resize((px, px), Image.BICUBIC)) for im in images_u8])
-    Image.fromarray(procedural.grid(images_u8, cols)).save(path, optimize=True)
+    Image.fromarray(procedural.grid(_resized(images_u8, px), cols)).save(path, optimize=True)
+
+
+def save_data_recon(path: str, train_u8: np.ndarray, heldout_u8: np.ndarray, recon_u8: np.ndarray, cols: int,
+                    px: int) -> None:
+    """One picture: training images, then rows of held-out images each above its reconstructions."""
+    from PIL import Image, ImageDraw
+
+    def section(title: str, images: np.ndarray) -> np.ndarray:
+        g = procedural.grid(_resized(images, px), cols)
+        band = Image.new("RGB", (g.shape[1], 16), (255, 255, 255))
+        ImageDraw.Draw(band).text((4, 2), title, fill=(0, 0, 0))
+        return np.concatenate([np.asarray(band), g])
+
+    rows = []
+    for i in range(0, len(heldout_u8), cols):
+        rows += [heldout_u8[i : i + cols], recon_u8[i : i + cols]]
+    pairs = np.concatenate(rows)
+    Image.fromarray(np.concatenate([
+        section(f"training images ({len(train_u8)}, classes 0-15 in order)", train_u8),
+        section("held-out images (odd rows) and their tokenizer reconstructions (even rows)", pairs),
+    ])).save(path, optimize=True)
 
 
 @torch.no_grad()
@@ -465,7 +628,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=None)
     p.add_argument("--data-max-seconds", type=float, default=75.0,
                    help="stop rendering training images after this long (keeps the rendered prefix)")
-    p.add_argument("--tok-steps", type=int, default=None)
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="warm start: load tokenizer and transformer from this saved checkpoint directory "
+                        "(config.json + index + safetensors shards; its config must equal the preset's)")
+    p.add_argument("--tok-steps", type=int, default=None, help="0 freezes the tokenizer (needs --init-from)")
     p.add_argument("--tf-steps", type=int, default=None)
     p.add_argument("--tok-lr", type=float, default=None)
     p.add_argument("--tf-lr", type=float, default=None)
@@ -487,6 +653,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--set {key}: not a preset field ({', '.join(sorted(preset))})")
         preset[key] = ast.literal_eval(value)
     smoke = args.max_steps is not None and args.num_images is None
+    if args.init_from:  # a warm restart peaks lower (see WARM_RESTART_LR_SCALE)
+        for k in ("tok_lr", "tf_lr"):
+            if getattr(args, k) is None:
+                setattr(args, k, preset[k] * WARM_RESTART_LR_SCALE)
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -502,12 +672,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.log_every = 25 if args.preset != "micro" else 10
     if args.size != args.patch_nums[-1] * 2 ** (len(args.tok_ch_mult) - 1):
         raise SystemExit("size must equal patch_nums[-1] * 2**(len(tok_ch_mult) - 1)")
+    if args.tok_steps <= 0 and not args.init_from:
+        raise SystemExit("--tok-steps 0 freezes the tokenizer: it needs trained weights (--init-from DIR)")
+    if args.init_from and os.path.abspath(args.init_from) == os.path.abspath(args.out):
+        raise SystemExit("--init-from and --out must be different directories")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     clock = Clock(args.max_minutes)
+    # warm start: check the checkpoint before spending time on data
+    init_cfg = check_init_compatible(args) if args.init_from else None
+    prev_runs = previous_runs(init_cfg, args.init_from) if init_cfg is not None else []
 
     def on_signal(signum: int, _frame: object) -> None:
         clock.log(f"signal {signum}: stopping the current phase, then saving")
@@ -528,6 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     clock.log(f"train_reference preset={args.preset} device={dev} amp={amp} torch={torch.__version__} "
               f"budget={args.max_minutes} min out={args.out}")
+    if init_cfg is not None:
+        before = lineage_of(prev_runs)
+        clock.log(f"warm start from {args.init_from}: {len(prev_runs)} earlier run(s), "
+                  f"{before['total_tokenizer_steps']} tokenizer + {before['total_transformer_steps']} transformer "
+                  f"steps in {before['total_budget_minutes']} min; tokenizer "
+                  f"{'frozen' if args.tok_steps <= 0 else f'lr {args.tok_lr:.3g}'}, transformer lr {args.tf_lr:.3g}")
 
     # 1. data (rendered before CUDA is touched by the training, with forked workers)
     train_np, labels_np, ev_np, ev_labels_np = make_data(args, clock)
@@ -535,16 +718,16 @@ def main(argv: list[str] | None = None) -> int:
     ev_u8 = torch.from_numpy(ev_np).to(dev)
     if dev.type == "cuda":
         clock.log(f"GPU: {torch.cuda.get_device_name(dev)}, {torch.cuda.get_device_properties(dev).total_memory / 2**30:.0f} GiB")
-    save_png(os.path.join(args.out, "data.png"), train_np[: 4 * procedural.NUM_CLASSES], 8, args.grid_px)
+    data_preview = train_np[: 4 * procedural.NUM_CLASSES].copy()
     del train_np
 
-    # 2. tokenizer
+    # 2. tokenizer (frozen with --tok-steps 0)
     tok, tok_info = train_tokenizer(args, clock, dev, train_u8, ev_u8, ev_labels_np, amp)
     with torch.no_grad():
         k = min(16, ev_u8.shape[0])
         rec = tok.reconstruct(to_float_img(ev_u8[:k]))
-        save_png(os.path.join(args.out, "recon.png"), np.concatenate([ev_np[:k], to_u8(rec)]), k if k <= 8 else 8,
-                 args.grid_px)
+    save_data_recon(os.path.join(args.out, "data_recon.png"), data_preview, ev_np[:k], to_u8(rec), 8, args.grid_px)
+    del data_preview
 
     # 3. token maps
     t = time.time()
@@ -558,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     ev_labels = torch.from_numpy(ev_labels_np).to(dev)
 
     # 4. transformer
-    model, tf_info = train_transformer(args, clock, dev, tok, ids, x_in, labels, ev_ids, ev_x, ev_labels, amp)
+    model, tf_info = train_transformer(args, clock, dev, tok, ids, x_in, labels, ev_ids, ev_x, ev_labels, amp,
+                                       generation=len(prev_runs))
+    tf_info["init_from"] = args.init_from
 
     # 5. save
     summary = {
@@ -567,15 +752,22 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"generator": "toprovar_fx.data.procedural", "seed": args.seed, "size": args.size,
                  "train_indices": [0, int(ids.shape[0])], "heldout_indices":
                  [args.num_images, args.num_images + int(ev_ids.shape[0])], "classes": procedural.class_names()},
-        "tokenizer_train": {"steps": tok_info["steps"], "heldout_psnr": tok_info["evals"][-1] if tok_info["evals"] else None,
+        "init_from": args.init_from,
+        "init_sha256": checkpoint_sha256(init_cfg, args.init_from) if init_cfg is not None else None,
+        "tokenizer_train": {"steps": tok_info["steps"], "frozen": tok_info["frozen"],
+                            "heldout_psnr": tok_info["evals"][-1] if tok_info["evals"] else None,
                             "codes_used": used, "params": tok_info["params"]},
         "transformer_train": {"steps": tf_info["steps"], "heldout": tf_info["evals"][-1] if tf_info["evals"] else None,
+                              "heldout_at_start": tf_info["evals"][0] if args.init_from and tf_info["evals"] else None,
                               "params": tf_info["params"], "batch": args.tf_batch, "lr": args.tf_lr,
                               "cfg_drop": args.cfg_drop},
         "sampling": {"cfg": args.sample_cfg, "top_k": args.sample_top_k, "top_p": args.sample_top_p},
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "wall_minutes": round(clock.now() / 60, 2),  # at saving
     }
+    # every run that led to this checkpoint, this one last ("trained 5.5 min + N min warm start")
+    summary["lineage"] = lineage_of(prev_runs + [_run_record(summary)])
     files = save_reference(model, tok, args.out, {"training": summary})
     sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in files}
     weights = sum(v for f, v in sizes.items() if f.endswith(".safetensors"))
