@@ -1,0 +1,1251 @@
+"""End-to-end batch-1 latency of the zoo's Infinity models, dense vs the toprovar backend (issue 8).
+
+Variants (all built and compiled up front, then timed in interleaved rounds): dense eager, dense
+Inductor (default and ``mode="reduce-overhead"``), toprovar observe (FAE only), toprovar with the
+FastVAR policy, with the model's ToProVAR policy, and with the ToProVAR policy cut down to its
+scale stage / scale+layer stages. Per variant: first-call (compile) time, median/min latency,
+speedups from the same run, executed/dense FLOPs and the speedup they bound, recompiles during the
+timed runs, peak memory and K/V-cache bytes at batch 1 and 8; per scale: wall time, and from one
+profiled generation kernel launches and GPU-busy time; the issue's targets at the end.
+``docs/benchmarks.md`` explains every column.
+
+    PYTHONPATH=. python3 benchmarks/e2e.py --out out/e2e                        # H200, ~9 min
+    PYTHONPATH=. python3 benchmarks/e2e.py --device cpu --models infinity-tiny \\
+        --variants eager,observe,toprovar --out /tmp/e2e                        # CPU smoke
+
+Everything is bounded by ``--budget-s``: work that does not fit is skipped and listed as such, and
+the results are rewritten after every phase, so a run that is killed still leaves its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import datetime
+import gc
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import toprovar_fx
+from toprovar_fx import zoo
+from toprovar_fx.policies import Policy, list_policies, load_policy
+from toprovar_fx.tools.bench import environment
+
+log = logging.getLogger("e2e")
+T_START = time.perf_counter()  # the budget counts from here (after the imports, a few seconds)
+
+PROMPT = "a red cat on a mat"
+G_SEED = 7
+CFG = 3.0
+
+GEN_RANGE = "e2e.generation"  # profiler range around one generation
+MARK_RANGE = "e2e.scale_end"  # profiler range at the end of every scale (ScaleMarks)
+LAUNCH_EVENTS = frozenset({
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel", "cudaLaunchCooperativeKernelMultiDevice", "cudaGraphLaunch",
+})
+TOP_N = 8
+
+# The issue's targets.
+TARGET_VS_EAGER = 4.0  # toprovar (model policy) vs dense eager
+TARGET_VS_COMPILED = 2.0  # toprovar vs the best dense compiled baseline
+TARGET_FLOP_FRACTION = 0.8  # measured speedup / FLOP-bound speedup at the last two scales
+TARGET_OBSERVE = 1.05  # observe latency / dense Inductor latency
+
+# Budget planning before anything of a kind has been measured: first-call seconds per cost
+# class (Inductor compiles every block graph once per scale; toprovar prune graphs run as FX).
+COMPILE_PRIOR_S = {
+    "cuda": {"eager": 5.0, "inductor": 150.0, "toprovar_inductor": 120.0, "toprovar_fx": 60.0},
+    "cpu": {"eager": 1.0, "inductor": 120.0, "toprovar_inductor": 20.0, "toprovar_fx": 15.0},
+}
+PROFILE_OVERHEAD_S = {"cuda": 6.0, "cpu": 1.0}  # trace export and parsing, per profiled generation
+# A timed or profiled call that outlives the budget by this much is aborted (the numbers so far stay).
+GRACE_S = 30.0
+
+
+# ----------------------------------------------------------------------------------------------
+# variants
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the sampler; ``build`` makes its own ``torch.compile`` call."""
+
+    key: str
+    label: str
+    kind: str  # eager | inductor | toprovar
+    definition: str
+    compile_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] | None = None  # toprovar options (copied: one session per dict)
+    prunes: bool = False  # a pruning policy (its scales are checked against the dense launch counts)
+
+    def cost_class(self, device: str) -> str:
+        if self.kind != "toprovar":
+            return self.kind
+        if self.options.get("mode") == "observe" and self.options.get("inductor", device == "cuda"):
+            return "toprovar_inductor"
+        return "toprovar_fx"
+
+    def build(self, model: torch.nn.Module) -> Callable[..., Any]:
+        sampler = model.autoregressive_infer_cfg
+        if self.kind == "eager":
+            return sampler
+        if self.kind == "inductor":
+            return torch.compile(sampler, **self.compile_kwargs)
+        return torch.compile(sampler, backend=toprovar_backend(), options=dict(self.options))
+
+
+def toprovar_backend() -> str | Callable[..., Any]:
+    """``"toprovar"`` when the entry point is installed, else the same function (PYTHONPATH=. runs)."""
+    if "toprovar" in torch._dynamo.list_backends(exclude_tags=()):
+        return "toprovar"
+    from toprovar_fx.backend import toprovar_backend as fn
+
+    return fn
+
+
+def stage_policy(base: str, stage: str) -> dict[str, Any]:
+    """The model's ToProVAR policy cut down to some of its stages, as a policy dict.
+
+    ``scale``: the scale stage alone, the paper's "Scale Depth Loc." (``scale.mode: skip_after_D``,
+    docs/policies.md): dense up to the start scale D, every scale after D skipped; no layer
+    classes (``layer.mode: off``) and no token pruning (every action ``keep``).
+    ``scale_layer``: scale and layer stages, the paper's "Scale Depth Loc. + Layer Repr. Ident.":
+    Global layers kept, Detail layers skipped whole at scales >= D (no token selection).
+    The third step, scale+layer+token, is the policy itself (variant ``toprovar``).
+    """
+    d = load_policy(base).to_dict()
+    d.pop("presets", None)
+    d.pop("default_preset", None)
+    d["name"] = f"{base}-e2e-{stage.replace('_', '-')}"
+    if stage == "scale":
+        d["description"] = f"{base}: scale stage only (skip every scale after D)"
+        d["scale"] = {**d["scale"], "mode": "skip_after_D"}
+        d["layer"] = {**d["layer"], "mode": "off", "actions": {"global": "keep", "detail": "keep"}}
+    elif stage == "scale_layer":
+        d["description"] = f"{base}: scale + layer stages (Detail layers skipped whole from D)"
+        d["layer"] = {**d["layer"], "actions": {"global": "keep", "detail": "skip"}}
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    Policy.from_dict(d, source=d["name"])  # fail here, not inside a compile
+    return d
+
+
+def model_variants(model_name: str) -> list[Variant]:
+    """Every variant for one zoo model, in priority order (what is compiled first when time is short)."""
+    fastvar = f"{model_name}-fastvar-released"
+
+    def policy_or_missing(name: str) -> str:
+        if name not in list_policies():
+            raise ValueError(f"no shipped policy {name!r}")
+        return name
+
+    def stage(name: str) -> Any:
+        return stage_policy(policy_or_missing(model_name), name)
+
+    specs: list[tuple[str, str, str, str, Callable[[], dict[str, Any]], bool]] = [
+        # key, label, kind, definition, options/kwargs factory, prunes
+        ("eager", "dense eager", "eager", "plain `m.autoregressive_infer_cfg`", dict, False),
+        ("toprovar", f"toprovar {model_name} (scale+layer+token)", "toprovar",
+         f"policy `{model_name}` (all three stages)",
+         lambda: {"policy": policy_or_missing(model_name)}, True),
+        ("inductor", "dense Inductor", "inductor", "`torch.compile(sampler)` (Inductor defaults)", dict, False),
+        ("fastvar", "toprovar FastVAR", "toprovar", f"policy `{fastvar}`",
+         lambda: {"policy": policy_or_missing(fastvar)}, True),
+        ("observe", "toprovar observe", "toprovar", "`mode: observe` (SDPA -> FAE, entropy recorded, no pruning)",
+         lambda: {"mode": "observe"}, False),
+        ("cudagraphs", "dense Inductor + CUDA graphs", "inductor",
+         '`torch.compile(sampler, mode="reduce-overhead")`', lambda: {"mode": "reduce-overhead"}, False),
+        ("scale", "toprovar stage: scale", "toprovar",
+         f"`{model_name}` with `scale.mode: skip_after_D`, `layer.mode: off`, all actions `keep`",
+         lambda: {"policy": stage("scale")}, True),
+        ("scale_layer", "toprovar stage: scale+layer", "toprovar",
+         f"`{model_name}` with `layer.actions.detail: skip` (no token stage)",
+         lambda: {"policy": stage("scale_layer")}, True),
+    ]
+    out = []
+    for key, label, kind, definition, make, prunes in specs:
+        try:
+            made = make()
+        except ValueError as err:  # a missing policy: the variant is listed as failed, not dropped
+            out.append(Variant(key, label, "missing", f"{definition}: {err}"))
+            continue
+        if kind == "toprovar":
+            out.append(Variant(key, label, kind, definition, options=made, prunes=prunes))
+        else:
+            out.append(Variant(key, label, kind, definition, compile_kwargs=made, prunes=prunes))
+    return out
+
+
+# display order of the tables (the rotation order of the timed rounds too)
+DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "scale", "scale_layer", "toprovar")
+VARIANT_KEYS = DISPLAY_ORDER
+
+
+# ----------------------------------------------------------------------------------------------
+# the model and its sampler call
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(name: str, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, float]:
+    t0 = time.perf_counter()
+    model = zoo.build(name, device=device, dtype=dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the fp32 copy the zoo initialised
+    return model, time.perf_counter() - t0
+
+
+def sampler_call(model: torch.nn.Module, batch: int, device: str) -> Callable[[Callable[..., Any]], Any]:
+    """``call(fn)`` runs one generation of ``batch`` images (CFG on: transformer batch ``2 * batch``)."""
+    if not hasattr(model, "encode_prompts"):
+        raise ValueError("e2e.py drives Infinity-family zoo models (text-conditional samplers) only")
+    cond = model.encode_prompts([PROMPT] * batch)
+    cond = tuple(c.to(device) if isinstance(c, torch.Tensor) else c for c in cond)
+    return lambda fn: fn(cond, B=batch, g_seed=G_SEED, cfg_list=CFG)
+
+
+def kv_cache_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by every ``cached_k`` / ``cached_v`` of the model right now."""
+    total = 0
+    for mod in model.modules():
+        for name in ("cached_k", "cached_v"):
+            t = getattr(mod, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Generation:
+    wall_ms: float
+    segments_ms: list[float] | None  # one per scale, then the decode tail; None if marks != scales
+    marks: int
+    kv_bytes: int | None = None
+
+
+class ScaleMarks:
+    """Measurement-only wrapper of ``model.get_logits``: a mark at the end of every scale.
+
+    The zoo samplers call ``get_logits`` once per scale from the sampler frame (which Dynamo does
+    not compile as a whole), so the wrapper runs under every variant. The mark itself is
+    ``torch.compiler.disable``d: under a compiled variant Dynamo still compiles the head, breaks the
+    graph at the mark, and resumes. A mark records a CUDA event (stream time), ``perf_counter``
+    (host time), a profiler range ``e2e.scale_end`` while profiling and, when asked, the K/V-cache
+    bytes at the last scale (the sampler clears its caches before returning). Installed for the
+    whole benchmark so that no variant recompiles because of it; ``restore`` removes it.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_scales: int, device: str) -> None:
+        self.model = model
+        self.num_scales = num_scales
+        self.cuda = device == "cuda"
+        self._mark = torch.compiler.disable(self._on_mark)
+        self._host: list[float] = []
+        self._events: list[Any] = []
+        self._profiling = False
+        self._capture_kv = False
+        self._kv: int | None = None
+
+    def install(self) -> None:
+        original = self.model.get_logits
+        mark = self._mark
+
+        def get_logits(h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+            out = original(h, cond_BD)
+            mark()
+            return out
+
+        self.model.get_logits = get_logits
+
+    def restore(self) -> None:
+        self.model.__dict__.pop("get_logits", None)
+
+    def _stamp(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._events.append(ev)
+        self._host.append(time.perf_counter())
+
+    def _on_mark(self) -> None:
+        self._stamp()
+        if self._profiling:
+            with torch.profiler.record_function(MARK_RANGE):
+                pass
+        if self._capture_kv and len(self._host) - 1 == self.num_scales:
+            self._kv = kv_cache_bytes(self.model)
+
+    def begin(self, *, profiling: bool = False, capture_kv: bool = False) -> None:
+        self._host, self._events, self._kv = [], [], None
+        self._profiling, self._capture_kv = profiling, capture_kv
+        self._stamp()
+
+    def finish(self) -> None:
+        """Right after the sampler returned (before synchronising): the end of the decode tail."""
+        self._stamp()
+
+    def end(self, wall_ms: float) -> Generation:
+        """After ``finish`` and a synchronisation: the generation's per-scale segments."""
+        if self.cuda:
+            self._events[-1].synchronize()
+            stamps = [0.0] + [self._events[0].elapsed_time(e) for e in self._events[1:]]
+        else:
+            stamps = [1e3 * (t - self._host[0]) for t in self._host]
+        marks = len(stamps) - 2
+        segments = [b - a for a, b in zip(stamps, stamps[1:])] if marks == self.num_scales else None
+        self._profiling = self._capture_kv = False
+        return Generation(wall_ms=wall_ms, segments_ms=segments, marks=marks, kv_bytes=self._kv)
+
+
+def run_generation(fn: Callable[..., Any], call: Callable[[Callable[..., Any]], Any], marks: ScaleMarks,
+                   device: str, *, profiling: bool = False, capture_kv: bool = False) -> Generation:
+    """One synchronised generation: wall time from ``perf_counter``, per-scale times from the marks."""
+    torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph step (a no-op for other variants)
+    sync(device)
+    marks.begin(profiling=profiling, capture_kv=capture_kv)
+    t0 = time.perf_counter()
+    call(fn)
+    marks.finish()
+    sync(device)
+    return marks.end(1e3 * (time.perf_counter() - t0))
+
+
+def dynamo_frames() -> int:
+    """Frames Dynamo has tried to compile so far (any compile during timed runs is a recompile)."""
+    return int(torch._dynamo.utils.counters["frames"]["total"])
+
+
+# ----------------------------------------------------------------------------------------------
+# time budget
+# ----------------------------------------------------------------------------------------------
+
+
+class DeadlineExceeded(BaseException):
+    """Raised by the alarm inside whatever call overran (BaseException: compiler code catches Exception)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Abort the block with ``DeadlineExceeded`` after ``seconds`` (main thread, POSIX; else no limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum: int, frame: Any) -> None:
+        raise DeadlineExceeded(f"{what} ran past the time budget ({seconds:.0f} s allowed)")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass
+class Budget:
+    end: float  # perf_counter time
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def share(self, parts: int) -> Budget:
+        """A budget ending after ``1 / parts`` of what is left (one of several models)."""
+        return Budget(time.perf_counter() + self.left() / max(parts, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# per-variant state
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantRun:
+    variant: Variant
+    status: str = "pending"  # pending | ok | failed | skipped
+    error: str | None = None  # one line
+    skipped: list[str] = field(default_factory=list)  # parts not measured, and why
+    first_call_ms: float | None = None
+    warmup_ms: list[float] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)
+    segments_ms: list[list[float]] = field(default_factory=list)  # per timed run
+    mark_counts: list[int] = field(default_factory=list)
+    dynamo_frames_timed: int = 0
+    toprovar_compiles_timed: int = 0
+    peak_bytes_b1: int | None = None
+    kv_bytes_b1: int | None = None
+    peak_bytes_b8: int | None = None
+    kv_bytes_b8: int | None = None
+    b8_note: str | None = None
+    report: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
+    fn: Callable[..., Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.variant.key
+
+    @property
+    def live(self) -> bool:
+        return self.status == "ok" and self.fn is not None
+
+    def fail(self, stage: str, err: BaseException) -> None:
+        self.error = f"{stage}: {one_line(err)}"
+        self.status = "failed"
+        self.fn = None
+        log.warning("%s failed (%s)", self.key, self.error)
+
+    def skip(self, what: str) -> None:
+        self.skipped.append(what)
+        if self.status == "pending":
+            self.status = "skipped"
+        log.info("%s: skipped %s", self.key, what)
+
+    def warm_s(self) -> float:
+        """Expected seconds of one batch-1 generation."""
+        ms = self.times_ms or self.warmup_ms or ([self.first_call_ms] if self.first_call_ms else [])
+        return statistics.median(ms) / 1e3 if ms else 0.0
+
+    def median_ms(self) -> float | None:
+        return statistics.median(self.times_ms) if self.times_ms else None
+
+    def segment_medians(self) -> list[float] | None:
+        if not self.segments_ms:
+            return None
+        return [statistics.median(col) for col in zip(*self.segments_ms)]
+
+    def to_dict(self) -> dict[str, Any]:
+        # not asdict(self): it would deep-copy ``fn`` (a bound method of the model)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fn", "variant")}
+        d.update(key=self.key, label=self.variant.label, kind=self.variant.kind,
+                 definition=self.variant.definition, options=_jsonable(self.variant.options),
+                 compile_kwargs=dict(self.variant.compile_kwargs), median_ms=self.median_ms(),
+                 min_ms=min(self.times_ms) if self.times_ms else None,
+                 segment_medians_ms=self.segment_medians())
+        return d
+
+
+def one_line(err: BaseException, limit: int = 240) -> str:
+    """``Type: first line`` of an error and of its root cause (Dynamo wraps backend errors)."""
+
+    def first(e: BaseException) -> str:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+    root = err
+    for _ in range(8):
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if not isinstance(inner, BaseException) or inner is root:
+            break
+        root = inner
+    text = first(err) if root is err else f"{type(err).__name__} <- {first(root)}"
+    return text[:limit]
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no infinity: a speedup over a skipped scale is written as the string "inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def report_summary(rep: Any) -> dict[str, Any]:
+    """What the toprovar report says about one generation (``toprovar_fx/runtime/report.py``)."""
+    return {
+        "mode": rep.mode,
+        "policy": rep.policy,
+        "attention_rewrites": rep.attention_rewrites,
+        "start_scale": rep.start_scale,
+        "flops_dense": rep.flops_dense,
+        "flops_executed": rep.flops_executed,
+        "flop_ratio": rep.flop_ratio,
+        "scales": [{
+            "index": s.index, "h": s.h, "w": s.w, "tokens": s.tokens, "rho": s.rho,
+            "pruning_active": s.pruning_active, "skipped": s.skipped,
+            "flops_dense": s.flops_dense, "flops_executed": s.flops_executed,
+            "layers_not_kept": sum(1 for lr in s.layers if lr.action != "keep"),
+        } for s in rep.scales],
+        "compiles": rep.compiles,
+        "compile_seconds": rep.compile_seconds,
+        "fallbacks": list(dict.fromkeys(rep.fallbacks)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# phases
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """Everything one model's measurement needs."""
+
+    name: str
+    model: torch.nn.Module
+    device: str
+    schedule: list[tuple[int, int]]
+    marks: ScaleMarks
+    call_b1: Callable[[Callable[..., Any]], Any]
+    runs: list[VariantRun]
+    budget: Budget
+    args: argparse.Namespace
+    estimates: dict[str, float] = field(default_factory=dict)  # first-call seconds per cost class
+    rounds_done: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def gen(self, run: VariantRun, **kw: Any) -> Generation:
+        return run_generation(run.fn, self.call_b1, self.marks, self.device, **kw)
+
+    def compile_estimate(self, run: VariantRun) -> float:
+        """First-call seconds: measured for this cost class, else dense Inductor's for observe, else the prior."""
+        cls = run.variant.cost_class(self.device)
+        if cls in self.estimates:
+            return self.estimates[cls]
+        if cls == "toprovar_inductor" and "inductor" in self.estimates:
+            return self.estimates["inductor"]
+        return COMPILE_PRIOR_S[self.device][cls]
+
+    def measurement_reserve(self, runs: Sequence[VariantRun], extra_gen_s: float = 0.0) -> float:
+        """Seconds the timed rounds (the minimum of 5) and the profiles of ``runs`` will need."""
+        gens = sum(r.warm_s() for r in runs) + extra_gen_s
+        profiles = len(runs) * PROFILE_OVERHEAD_S[self.device] if self.args.profile else 0.0
+        return min(5, self.args.rounds) * gens + 2 * gens + profiles
+
+
+def compile_phase(b: Bench) -> None:
+    """Build every variant; first call (= compile), warm-up calls, batch-1 memory and the report."""
+    for run in b.runs:
+        if run.variant.kind == "missing":
+            run.status, run.error = "failed", run.variant.definition
+            continue
+        if run.key == "cudagraphs" and not b.cuda:
+            run.skip("CUDA graphs need a CUDA device")
+            continue
+        done = [r for r in b.runs if r.live]
+        guess_gen = max((r.warm_s() for r in done), default=0.0)
+        need = b.compile_estimate(run) + (1 + b.args.warmup) * guess_gen
+        reserve = b.measurement_reserve(done, extra_gen_s=guess_gen)
+        if b.budget.left() < need + reserve:
+            run.skip(f"everything: time budget (about {need:.0f} s to compile and warm up, "
+                     f"{b.budget.left() - reserve:.0f} s left after reserving the measurements)")
+            continue
+        allowed = b.budget.left() - b.measurement_reserve(done)
+        log.info("%s: compiling (estimate %.0f s, allowed %.0f s)", run.key, need, allowed)
+        try:
+            with deadline(allowed, f"{run.key} compile and warm-up"):
+                compile_and_warm(b, run)
+        except DeadlineExceeded as err:
+            run.fail("compile", err)
+            b.notes.append(f"{run.key}: compile aborted at the time budget; Dynamo may hold partial state")
+        except Exception as err:  # noqa: BLE001 - a failing variant is reported, the run goes on
+            run.fail("compile/warm-up", err)
+        if run.first_call_ms is not None:
+            cls = run.variant.cost_class(b.device)
+            b.estimates[cls] = max(b.estimates.get(cls, 0.0), 1.1 * run.first_call_ms / 1e3)
+
+
+def compile_and_warm(b: Bench, run: VariantRun) -> None:
+    run.fn = run.variant.build(b.model)
+    first = b.gen(run)
+    run.first_call_ms = first.wall_ms
+    run.status = "ok"
+    for i in range(b.args.warmup):
+        last = i == b.args.warmup - 1
+        if last and b.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        g = b.gen(run, capture_kv=last)
+        run.warmup_ms.append(g.wall_ms)
+        if last:
+            run.kv_bytes_b1 = g.kv_bytes
+            if b.cuda:
+                run.peak_bytes_b1 = torch.cuda.max_memory_allocated()
+        if g.segments_ms is None:
+            b.notes.append(f"{run.key}: {g.marks} scale marks in a generation, expected {len(b.schedule)}")
+    if run.variant.kind == "toprovar":
+        rep = toprovar_fx.last_generation()
+        run.report = report_summary(rep) if rep is not None else None
+
+
+def timed_phase(b: Bench) -> None:
+    """Interleaved rounds: every live variant once per round, the order rotated by one each round."""
+    gc.collect()
+    order = sorted((r for r in b.runs if r.live), key=lambda r: DISPLAY_ORDER.index(r.key)
+                   if r.key in DISPLAY_ORDER else len(DISPLAY_ORDER))
+    for rnd in range(b.args.rounds):
+        order = [r for r in order if r.live]
+        if not order:
+            break
+        cost = sum(r.warm_s() for r in order)
+        profile_reserve = 2 * cost + len(order) * PROFILE_OVERHEAD_S[b.device] if b.args.profile else 0.0
+        if b.budget.left() < cost + profile_reserve:
+            b.notes.append(f"timed rounds stopped after {rnd} of {b.args.rounds}: time budget")
+            break
+        shift = rnd % len(order)
+        for run in order[shift:] + order[:shift]:
+            before = dynamo_frames()
+            try:
+                with deadline(max(b.budget.left(), 0.0) + GRACE_S, f"{run.key} timed run"):
+                    g = b.gen(run)
+            except (Exception, DeadlineExceeded) as err:  # noqa: BLE001
+                run.fail(f"timed run {rnd + 1}", err)
+                continue
+            run.dynamo_frames_timed += dynamo_frames() - before
+            run.times_ms.append(g.wall_ms)
+            run.mark_counts.append(g.marks)
+            if g.segments_ms is not None:
+                run.segments_ms.append(g.segments_ms)
+            if run.variant.kind == "toprovar":
+                rep = toprovar_fx.last_generation()
+                run.toprovar_compiles_timed += rep.compiles if rep is not None else 0
+        b.rounds_done = rnd + 1
+    if 0 < b.rounds_done < 5:
+        b.notes.append(f"only {b.rounds_done} timed generation(s) per variant (target: at least 5)")
+
+
+def profile_phase(b: Bench) -> None:
+    """One profiled generation per live variant: launches, GPU-busy time, top kernels and host ops."""
+    if not b.args.profile:
+        for run in b.runs:
+            if run.live:
+                run.skip("profile: --no-profile")
+        return
+    for run in sorted((r for r in b.runs if r.live), key=lambda r: b.runs.index(r)):
+        need = 3 * run.warm_s() + PROFILE_OVERHEAD_S[b.device]
+        if b.budget.left() < need:
+            run.skip(f"profile: time budget (about {need:.0f} s needed, {b.budget.left():.0f} s left)")
+            continue
+        try:
+            with deadline(max(b.budget.left(), 0.0) + GRACE_S, f"{run.key} profile"):
+                run.profile = profile_generation(b, run)
+        except (Exception, DeadlineExceeded) as err:  # noqa: BLE001
+            run.skip(f"profile: {one_line(err)}")
+
+
+def profile_generation(b: Bench, run: VariantRun) -> dict[str, Any]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if b.cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.profiler.profile(activities=activities) as prof, torch.profiler.record_function(GEN_RANGE):
+            b.gen(run, profiling=True)
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    return summarize_trace(events, len(b.schedule), gpu=b.cuda)
+
+
+def batch_memory_phase(b: Bench) -> None:
+    """Peak memory and K/V bytes at ``--batch-mem`` images (compiled variants recompile for it)."""
+    batch = b.args.batch_mem
+    if batch <= 0 or not b.cuda:
+        reason = "not requested" if batch <= 0 else "no CUDA memory statistics on CPU"
+        for run in b.runs:
+            if run.live:
+                run.b8_note = f"skipped: {reason}"
+        return
+    try:
+        call = sampler_call(b.model, batch, b.device)
+    except Exception as err:  # noqa: BLE001
+        b.notes.append(f"batch {batch}: {type(err).__name__}: {err}")
+        return
+    for run in b.runs:  # priority order
+        if not run.live:
+            continue
+        gen_s = run.warm_s() * batch
+        compile_s = 0.0 if run.variant.kind == "eager" else (run.first_call_ms or 0.0) / 1e3
+        if b.budget.left() < compile_s + gen_s:
+            run.b8_note = f"skipped: time budget (about {compile_s + gen_s:.0f} s needed, {b.budget.left():.0f} s left)"
+            run.skipped.append(f"memory at batch {batch}: time budget")
+            continue
+        separate_first = compile_s > 0 and b.budget.left() >= compile_s + 2 * gen_s
+        try:
+            with deadline(max(b.budget.left(), 5.0), f"{run.key} batch {batch}"):
+                if separate_first:
+                    run_generation(run.fn, call, b.marks, b.device)
+                torch.cuda.reset_peak_memory_stats()
+                g = run_generation(run.fn, call, b.marks, b.device, capture_kv=True)
+        except (Exception, DeadlineExceeded) as err:  # noqa: BLE001
+            run.b8_note = f"failed: {one_line(err)}"
+            continue
+        run.peak_bytes_b8 = torch.cuda.max_memory_allocated()
+        run.kv_bytes_b8 = g.kv_bytes
+        if compile_s > 0 and not separate_first:
+            run.b8_note = "measured on the call that compiled for this batch"
+
+
+# ----------------------------------------------------------------------------------------------
+# profiler trace
+# ----------------------------------------------------------------------------------------------
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -math.inf
+    for a, z in sorted(intervals):
+        if z <= end:
+            continue
+        total += z - max(a, end)
+        end = z
+    return total / 1e3
+
+
+def _self_times(ops: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """name -> [self us, calls] of host ops, their nested ops' time subtracted (per thread)."""
+    by_thread: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for e in ops:
+        by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+        stack: list[list[Any]] = []  # [end, name, dur, children]
+
+        def close(entry: list[Any]) -> None:
+            out[entry[1]][0] += max(entry[2] - entry[3], 0.0)
+            out[entry[1]][1] += 1
+
+        for e in evs:
+            dur = float(e.get("dur", 0))
+            while stack and stack[-1][0] <= e["ts"]:
+                close(stack.pop())
+            if stack:
+                stack[-1][3] += dur
+            stack.append([e["ts"] + dur, e["name"], dur, 0.0])
+        while stack:
+            close(stack.pop())
+    return out
+
+
+def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool) -> dict[str, Any]:
+    """Per-scale launches and GPU-busy ms, top kernels / host ops, ``toprovar.*`` ranges of one generation.
+
+    Scale ``i`` is the time between the end marks of scales ``i - 1`` and ``i`` (scale 0 from the
+    start of the generation); the segment after the last mark is the decode tail. A launch
+    belongs to the segment its runtime call falls in; a kernel to the segment of its launch.
+    Without ``gpu`` launches and busy times are None (a CPU trace has neither).
+    """
+    gens = [e for e in events if e.get("name") == GEN_RANGE and e.get("cat") == "user_annotation"]
+    if not gens:
+        raise RuntimeError(f"no '{GEN_RANGE}' range in the trace")
+    g0 = gens[0]["ts"]
+    g1 = g0 + gens[0].get("dur", 0)
+    inside = [e for e in events if e.get("ph") == "X" and g0 <= e.get("ts", -1) <= g1]
+    marks = sorted(e["ts"] for e in inside if e.get("name") == MARK_RANGE and e.get("cat") == "user_annotation")
+    per_scale = len(marks) == num_scales
+
+    def segment(ts: float) -> int:
+        return min(bisect.bisect_left(marks, ts), num_scales) if per_scale else 0
+
+    launches_at: dict[Any, float] = {}
+    launches = [0] * (num_scales + 1)
+    for e in inside:
+        if e.get("name") in LAUNCH_EVENTS:
+            launches[segment(e["ts"])] += 1
+            corr = (e.get("args") or {}).get("correlation")
+            if corr is not None:
+                launches_at[corr] = e["ts"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    busy: list[list[tuple[float, float]]] = [[] for _ in range(num_scales + 1)]
+    all_busy: list[tuple[float, float]] = []
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for k in kernels:
+        launched = launches_at.get((k.get("args") or {}).get("correlation"))
+        if launched is None and not g0 <= k["ts"] <= g1:
+            continue
+        span = (k["ts"], k["ts"] + k.get("dur", 0))
+        busy[segment(launched if launched is not None else k["ts"])].append(span)
+        all_busy.append(span)
+        per_kernel[k["name"]][0] += k.get("dur", 0)
+        per_kernel[k["name"]][1] += 1
+    host = _self_times([e for e in inside if e.get("cat") == "cpu_op"])
+    ranges: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in inside:
+        if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("toprovar."):
+            ranges[e["name"]][0] += e.get("dur", 0) / 1e3
+            ranges[e["name"]][1] += 1
+
+    def top(table: dict[str, list[float]]) -> list[dict[str, Any]]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:TOP_N]
+        return [{"name": n, "ms": v[0] / 1e3, "calls": int(v[1])} for n, v in rows]
+
+    return {
+        "wall_ms": (g1 - g0) / 1e3,
+        "marks": len(marks),
+        "launches": launches if per_scale and gpu else None,
+        "busy_ms": [_union_ms(s) for s in busy] if per_scale and gpu else None,
+        "launches_total": sum(launches) if gpu else None,
+        "busy_ms_total": _union_ms(all_busy) if gpu else None,
+        "top_kernels": top(per_kernel),
+        "top_host_ops": top(host),
+        "toprovar_ranges": {n: {"ms": v[0], "count": int(v[1])} for n, v in sorted(ranges.items())},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis
+# ----------------------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None if a is None or b is None else math.inf
+    return a / b
+
+
+def _last_two(values: Sequence[float] | None, num_scales: int) -> float | None:
+    return None if values is None else sum(values[num_scales - 2:num_scales])
+
+
+def analyse(b: Bench) -> dict[str, Any]:
+    """Speedups, FLOP bounds, per-scale tables and targets from the measured numbers."""
+    k = len(b.schedule)
+    runs = {r.key: r for r in b.runs}
+    med = {key: r.median_ms() for key, r in runs.items()}
+    dense_keys = [key for key in ("eager", "inductor", "cudagraphs") if med.get(key) is not None]
+    compiled = [key for key in ("inductor", "cudagraphs") if med.get(key) is not None]
+    best_compiled = min(compiled, key=lambda key: med[key]) if compiled else None
+    seg = {key: r.segment_medians() for key, r in runs.items()}
+    dense_last2 = {key: _last_two(seg.get(key), k) for key in dense_keys if seg.get(key) is not None}
+    best_dense_last2 = min(dense_last2, key=dense_last2.get) if dense_last2 else None
+
+    rows = {}
+    for key, r in runs.items():
+        rep = r.report
+        dense = r.variant.kind in ("eager", "inductor") and r.first_call_ms is not None
+        flop_ratio = rep["flop_ratio"] if rep else (1.0 if dense else None)
+        bound_last2 = 1.0 if dense else None
+        if rep and len(rep["scales"]) >= 2:
+            last = rep["scales"][-2:]
+            bound_last2 = _ratio(sum(s["flops_dense"] for s in last), sum(s["flops_executed"] for s in last))
+        measured_last2 = _ratio(dense_last2.get(best_dense_last2), _last_two(seg.get(key), k))
+        rows[key] = {
+            "vs_eager": _ratio(med.get("eager"), med[key]),
+            "vs_inductor": _ratio(med.get("inductor"), med[key]),
+            "vs_best_compiled": _ratio(med.get(best_compiled), med[key]) if best_compiled else None,
+            "flop_ratio": flop_ratio,
+            "flop_bound": _ratio(1.0, flop_ratio) if flop_ratio is not None else None,
+            "last2_measured": measured_last2,
+            "last2_flop_bound": bound_last2,
+            # a skipped scale has no finite bound: no fraction then
+            "last2_fraction": (_ratio(measured_last2, bound_last2) if measured_last2 and bound_last2
+                               and math.isfinite(bound_last2) else None),
+        }
+
+    per_scale = []
+    for i, (h, w) in enumerate(b.schedule):
+        entry: dict[str, Any] = {"index": i, "h": h, "w": w, "tokens": h * w, "wall_ms": {}, "launches": {},
+                                 "busy_ms": {}, "flop_ratio": {}}
+        for key, r in runs.items():
+            if seg.get(key):
+                entry["wall_ms"][key] = seg[key][i]
+            prof = r.profile or {}
+            if prof.get("launches"):
+                entry["launches"][key] = prof["launches"][i]
+            if prof.get("busy_ms"):
+                entry["busy_ms"][key] = prof["busy_ms"][i]
+            scales = {s["index"]: s for s in (r.report or {}).get("scales", [])}
+            if i in scales:
+                entry["flop_ratio"][key] = _ratio(scales[i]["flops_executed"], scales[i]["flops_dense"])
+        per_scale.append(entry)
+    tail = {"wall_ms": {key: s[k] for key, s in seg.items() if s},
+            "launches": {key: r.profile["launches"][k] for key, r in runs.items()
+                         if r.profile and r.profile.get("launches")},
+            "busy_ms": {key: r.profile["busy_ms"][k] for key, r in runs.items()
+                        if r.profile and r.profile.get("busy_ms")}}
+    return {
+        "best_compiled": best_compiled,
+        "best_dense_last2": best_dense_last2,
+        "rows": rows,
+        "per_scale": per_scale,
+        "decode": tail,
+        "targets": targets(b, rows, per_scale, best_compiled),
+    }
+
+
+def _target(name: str, value: str, met: bool | None, miss: str = "", na: str = "") -> dict[str, str]:
+    status = f"n/a: {na}" if met is None else ("met" if met else f"missed by {miss}")
+    return {"target": name, "value": value, "status": status}
+
+
+def targets(b: Bench, rows: dict[str, dict[str, Any]], per_scale: list[dict[str, Any]],
+            best_compiled: str | None) -> list[dict[str, str]]:
+    runs = {r.key: r for r in b.runs}
+    tp = rows.get("toprovar", {})
+    out = []
+
+    def speed(name: str, value: float | None, goal: float, what: str) -> None:
+        if value is None:
+            out.append(_target(name, "-", None, na=f"{what} not measured"))
+        else:
+            out.append(_target(name, f"{value:.2f}x", value >= goal, f"{goal / value:.2f}x"))
+
+    speed(f"toprovar ({b.name} policy) >= {TARGET_VS_EAGER:g}x faster than dense eager",
+          tp.get("vs_eager"), TARGET_VS_EAGER, "toprovar or dense eager")
+    speed(f"toprovar >= {TARGET_VS_COMPILED:g}x faster than the best dense compiled baseline"
+          + (f" ({best_compiled})" if best_compiled else ""),
+          tp.get("vs_best_compiled"), TARGET_VS_COMPILED, "toprovar or a compiled baseline")
+    fast = _ratio(runs["fastvar"].median_ms() if "fastvar" in runs else None,
+                  runs["toprovar"].median_ms() if "toprovar" in runs else None)
+    speed("toprovar faster than the FastVAR policy (FastVAR ms / toprovar ms > 1)", fast, 1.0 + 1e-9,
+          "toprovar or FastVAR")
+    frac = tp.get("last2_fraction")
+    if frac is None:
+        out.append(_target(f"measured speedup >= {TARGET_FLOP_FRACTION:.0%} of the FLOP-bound speedup, last two scales",
+                           "-", None, na="per-scale times or the toprovar report missing"))
+    else:
+        out.append(_target(
+            f"measured speedup >= {TARGET_FLOP_FRACTION:.0%} of the FLOP-bound speedup, last two scales",
+            f"{tp['last2_measured']:.2f}x of {tp['last2_flop_bound']:.2f}x = {frac:.0%}",
+            frac >= TARGET_FLOP_FRACTION, f"{TARGET_FLOP_FRACTION - frac:.0%} points"))
+    obs = _ratio(runs["observe"].median_ms() if "observe" in runs else None,
+                 runs["inductor"].median_ms() if "inductor" in runs else None)
+    if obs is None:
+        out.append(_target(f"observe <= {TARGET_OBSERVE:g}x dense Inductor", "-", None,
+                           na="observe or dense Inductor not measured"))
+    else:
+        out.append(_target(f"observe <= {TARGET_OBSERVE:g}x dense Inductor", f"{obs:.3f}x",
+                           obs <= TARGET_OBSERVE, f"{100 * (obs / TARGET_OBSERVE - 1):.1f}%"))
+    timed = [r for r in b.runs if r.times_ms]
+    recompiles = sum(r.dynamo_frames_timed + r.toprovar_compiles_timed for r in timed)
+    detail = ", ".join(f"{r.key} {r.dynamo_frames_timed + r.toprovar_compiles_timed}" for r in timed
+                       if r.dynamo_frames_timed + r.toprovar_compiles_timed)
+    out.append(_target("zero recompiles in timed runs", f"{recompiles}" + (f" ({detail})" if detail else ""),
+                       recompiles == 0 if timed else None, f"{recompiles}", na="no timed runs"))
+    for ref in ("inductor", "eager"):
+        out.append(launch_target(b, per_scale, ref))
+    return out
+
+
+def launch_target(b: Bench, per_scale: list[dict[str, Any]], ref: str) -> dict[str, str]:
+    """Pruned scales (executed < dense FLOPs) of every pruning variant vs ``ref``'s launches."""
+    name = f"pruned scales never launch more kernels than dense {ref}"
+    if not any(ref in s["launches"] for s in per_scale):
+        return _target(name, "-", None, na=f"no profiled launches of dense {ref}")
+    checked, over = 0, []
+    for r in b.runs:
+        if not r.variant.prunes or not r.report or not (r.profile or {}).get("launches"):
+            continue
+        for s in r.report["scales"]:
+            if s["flops_executed"] >= s["flops_dense"] or s["index"] >= len(per_scale):
+                continue
+            counts = per_scale[s["index"]]["launches"]
+            checked += 1
+            if counts[r.key] > counts[ref]:
+                over.append(f"{r.key}@{s['index'] + 1}: {counts[r.key]} > {counts[ref]}")
+    if not checked:
+        return _target(name, "-", None, na="no profiled pruned scale")
+    value = f"{checked - len(over)}/{checked} pruned scales ok" + (f"; {', '.join(over[:6])}" if over else "")
+    return _target(name, value, not over, f"{len(over)} scale(s)")
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------
+
+
+def _f(v: Any, spec: str = ".1f", suffix: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f"{v:{spec}}{suffix}"
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _status(r: VariantRun) -> str:
+    if r.status == "failed":
+        return f"failed: {r.error}"
+    if r.status == "skipped":
+        return "skipped: " + "; ".join(r.skipped)
+    return "ok" if not r.skipped else "ok (not measured: " + "; ".join(r.skipped) + ")"
+
+
+def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
+    k = len(b.schedule)
+    runs = sorted(b.runs, key=lambda r: DISPLAY_ORDER.index(r.key) if r.key in DISPLAY_ORDER else 99)
+    shown = [r for r in runs if r.times_ms or r.profile or r.report]
+    weights = sum(p.numel() * p.element_size() for p in b.model.parameters())
+    tokens = sum(h * w for h, w in b.schedule)
+    lines = [f"## {b.name}", "",
+             f"Schedule {k} scales ({b.schedule[0][0]}x{b.schedule[0][1]} ... {b.schedule[-1][0]}x{b.schedule[-1][1]}, "
+             f"{tokens} tokens), prompt \"{PROMPT}\", CFG {CFG:g} (transformer batch 2 at batch 1), g_seed {G_SEED}, "
+             f"random weights ({weights / 2**30:.2f} GiB); model built in {build_s:.1f} s. "
+             f"{b.rounds_done} interleaved timed round(s) after {b.args.warmup} warm-up call(s) per variant.", ""]
+    lines += ["### Latency (batch 1)", ""]
+    rows = []
+    for r in runs:
+        x = a["rows"][r.key]
+        rec = f"{r.dynamo_frames_timed} / {r.toprovar_compiles_timed}" if r.times_ms else "-"
+        rows.append([r.key, _f(r.first_call_ms and r.first_call_ms / 1e3, ".1f"), _f(r.median_ms()),
+                     _f(min(r.times_ms) if r.times_ms else None), len(r.times_ms),
+                     _f((r.profile or {}).get("busy_ms_total")), _f(x["vs_eager"], ".2f", "x"),
+                     _f(x["vs_inductor"], ".2f", "x"), rec, _status(r)])
+    lines += _table(["variant", "first call s", "median ms", "min ms", "runs", "GPU-busy ms", "vs eager",
+                     "vs Inductor", "compiles in timed runs (Dynamo / toprovar)", "status"], rows)
+    lines += ["### FLOPs and memory", ""]
+    bm = b.args.batch_mem or 8  # the "b8" fields hold the --batch-mem measurement
+    rows = []
+    for r in runs:
+        x = a["rows"][r.key]
+        rows.append([r.key, _f(x["flop_ratio"], ".3f"), _f(x["vs_eager"], ".2f", "x"), _f(x["flop_bound"], ".2f", "x"),
+                     _f(x["last2_measured"], ".2f", "x"), _f(x["last2_flop_bound"], ".2f", "x"),
+                     _f(x["last2_fraction"] and 100 * x["last2_fraction"], ".0f", "%"),
+                     _gib(r.peak_bytes_b1), _mib(r.kv_bytes_b1), _gib(r.peak_bytes_b8), _mib(r.kv_bytes_b8),
+                     r.b8_note or ""])
+    lines += _table(["variant", "FLOP ratio", "measured vs eager", "FLOP-bound", f"last 2 measured (vs {a['best_dense_last2'] or '-'})",
+                     "last 2 FLOP-bound", "measured/bound", "peak GiB B=1", "K/V MiB B=1", f"peak GiB B={bm}",
+                     f"K/V MiB B={bm}", f"B={bm} note"], rows)
+
+    def scale_table(title: str, field_: str, spec: str, keys: list[str]) -> list[str]:
+        if not keys:
+            return [f"### {title}", "", "(not measured)", ""]
+        body = []
+        for s in a["per_scale"]:
+            body.append([s["index"] + 1, f"{s['h']}x{s['w']}", s["tokens"]]
+                        + [_f(s[field_].get(key), spec) for key in keys])
+        if field_ in a["decode"]:
+            body.append(["decode", "", ""] + [_f(a["decode"][field_].get(key), spec) for key in keys])
+        return [f"### {title}", ""] + _table(["scale", "h x w", "tokens"] + keys, body)
+
+    def have(field_: str) -> list[str]:
+        return [r.key for r in shown if any(r.key in s[field_] for s in a["per_scale"])]
+
+    lines += scale_table("Per-scale wall ms (median of the timed runs; time between scale-end marks)",
+                         "wall_ms", ".2f", have("wall_ms"))
+    lines += scale_table("Per-scale kernel launches (profiled generation)", "launches", "d", have("launches"))
+    lines += scale_table("Per-scale GPU-busy ms (profiled generation, union of kernel intervals)", "busy_ms",
+                         ".2f", have("busy_ms"))
+    lines += scale_table("Per-scale executed / dense FLOPs (toprovar report)", "flop_ratio", ".3f",
+                         have("flop_ratio"))
+    lines += ["### Host time in `toprovar.*` profiler ranges (profiled generation)", ""]
+    ranges = [(r.key, n, v) for r in shown for n, v in ((r.profile or {}).get("toprovar_ranges") or {}).items()]
+    lines += (_table(["variant", "range", "ms", "count"], [[key, n, _f(v["ms"], ".2f"), v["count"]]
+                                                         for key, n, v in ranges])
+              if ranges else ["(none recorded: the runtime has no `toprovar.*` ranges yet)", ""])
+    lines += ["### Targets (issue 8)", ""]
+    lines += _table(["target", "measured", "status"], [[t["target"], t["value"], t["status"]] for t in a["targets"]])
+    lines += ["### Variants", ""]
+    lines += _table(["key", "label", "definition"], [[r.key, r.variant.label, r.variant.definition] for r in runs])
+    reports = [(r.key, r.report) for r in runs if r.report]
+    if reports:
+        lines += ["### toprovar reports (last warm-up generation)", ""]
+        lines += _table(["variant", "rewrites", "start scale D (1-based)", "pruned scales", "fallbacks"], [
+            [key, rep["attention_rewrites"], "-" if rep["start_scale"] is None else rep["start_scale"] + 1,
+             ", ".join(str(s["index"] + 1) + ("(skip)" if s["skipped"] else "") for s in rep["scales"]
+                       if s["flops_executed"] < s["flops_dense"]) or "none",
+             "; ".join(f[:160] for f in rep["fallbacks"][:3]) or "none"] for key, rep in reports])
+    lines += ["### Profile: top kernels and host ops (profiled generation)", ""]
+    for r in shown:
+        if not r.profile:
+            continue
+        kern = ", ".join(f"`{x['name'][:60]}` {x['ms']:.2f} ms x{x['calls']}" for x in r.profile["top_kernels"])
+        host = ", ".join(f"`{x['name'][:40]}` {x['ms']:.2f} ms x{x['calls']}" for x in r.profile["top_host_ops"])
+        lines += [f"* **{r.key}** ({_f(r.profile['wall_ms'], '.1f')} ms profiled, "
+                  f"{_f(r.profile['launches_total'], 'd')} launches)",
+                  f"  * kernels: {kern or 'none (CPU)'}", f"  * host ops (self time): {host or 'none'}"]
+    lines.append("")
+    if b.notes:
+        lines += ["### Notes", ""] + [f"* {n}" for n in dict.fromkeys(b.notes)] + [""]
+    return lines
+
+
+@dataclass
+class Output:
+    """The results so far; ``write`` rewrites e2e.md and e2e.json (after every phase)."""
+
+    out: Path
+    args: argparse.Namespace
+    argv: list[str]
+    env: dict[str, Any]
+    started: str
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"json", "md"}
+    notes: list[str] = field(default_factory=list)
+
+    def update(self, b: Bench, build_s: float) -> None:
+        a = analyse(b)
+        self.models[b.name] = {
+            "json": {"schedule": [list(hw) for hw in b.schedule], "build_s": build_s,
+                     "rounds": b.rounds_done, "notes": list(dict.fromkeys(b.notes)),
+                     "variants": [r.to_dict() for r in b.runs], **a},
+            "md": model_markdown(b, a, build_s),
+        }
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        elapsed = time.perf_counter() - T_START
+        doc = {"schema": "toprovar-e2e/1", "started": self.started, "elapsed_s": elapsed,
+               "command": self.argv, "environment": self.env,
+               "settings": {"models": self.args.models, "device": self.args.device, "dtype": self.args.dtype,
+                            "budget_s": self.args.budget_s, "rounds": self.args.rounds,
+                            "warmup": self.args.warmup, "batch_mem": self.args.batch_mem,
+                            "profile": self.args.profile, "prompt": PROMPT, "g_seed": G_SEED, "cfg": CFG},
+               "notes": self.notes,
+               "models": {name: m["json"] for name, m in self.models.items()}}
+        (self.out / "e2e.json").write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")
+        env = self.env
+        head = [f"# End-to-end latency: dense vs toprovar ({self.started[:10]})", "",
+                f"{env.get('gpu') or 'CPU'} · torch {env.get('torch')} · triton {env.get('triton') or '-'} · "
+                f"CUDA {env.get('cuda') or '-'} · Python {env.get('python')} · {env.get('dtype')} · "
+                f"started {self.started}, {elapsed:.0f} s of a {self.args.budget_s:.0f} s budget", "",
+                f"Command: `{' '.join(self.argv)}`", "",
+                "A generation is one sampler call `m.autoregressive_infer_cfg(cond, B, g_seed, cfg_list)` "
+                "(all scales, sampling and the image decoder; the toy text encoding is done once, outside), "
+                "synchronised before and after, timed with `perf_counter`. Variants are timed in interleaved "
+                "rounds (order rotated each round); speedups are ratios of medians from this run. Columns: "
+                "`docs/benchmarks.md`.", ""]
+        head += [f"* {n}" for n in self.notes] + ([""] if self.notes else [])
+        body = [line for m in self.models.values() for line in m["md"]]
+        (self.out / "e2e.md").write_text("\n".join(head + body) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for e2e.md and e2e.json")
+    ap.add_argument("--models", default="infinity-2b", help="comma-separated Infinity zoo models (infinity-2b, "
+                    "infinity-8b, infinity-tiny); several share the budget evenly")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--budget-s", type=float, default=500.0,
+                    help="wall-clock budget counted from the end of the imports; what does not fit is "
+                    "skipped (default 500: about 9 minutes in all)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each variant once per round); default 7")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up calls after the first call (>= 1); default 2")
+    ap.add_argument("--variants", default=",".join(VARIANT_KEYS),
+                    help=f"comma-separated subset of {','.join(VARIANT_KEYS)}")
+    ap.add_argument("--batch-mem", type=int, default=None,
+                    help="batch for the extra memory measurement (default 8 on CUDA, 0 = off on CPU)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled generations")
+    args = ap.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown_models = sorted(set(args.models) - set(zoo.list_models()))
+    if unknown_models:
+        ap.error(f"unknown model(s) {unknown_models}; zoo models: {', '.join(zoo.list_models())}")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANT_KEYS))
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; valid: {', '.join(VARIANT_KEYS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but CUDA is not available (use --device cpu for the smoke run)")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.batch_mem is None:
+        args.batch_mem = 8 if args.device == "cuda" else 0
+    if args.warmup < 1 or args.rounds < 1:
+        ap.error("--warmup and --rounds must be >= 1")
+    return args
+
+
+def bench_model(name: str, args: argparse.Namespace, budget: Budget, output: Output,
+                extra_variants: Sequence[Variant]) -> None:
+    model, build_s = build_model(name, args.device, getattr(torch, args.dtype))
+    schedule = [tuple(hw) for hw in model.resolve_schedule(None)]
+    marks = ScaleMarks(model, len(schedule), args.device)
+    variants = [v for v in model_variants(name) if v.key in args.variants] + list(extra_variants)
+    b = Bench(name=name, model=model, device=args.device, schedule=schedule, marks=marks,
+              call_b1=sampler_call(model, 1, args.device), runs=[VariantRun(v) for v in variants],
+              budget=budget, args=args)
+    marks.install()
+    try:
+        for phase in (compile_phase, timed_phase, profile_phase, batch_memory_phase):
+            log.info("%s: %s (%.0f s left)", name, phase.__name__, budget.left())
+            phase(b)
+            output.update(b, build_s)
+            output.write()
+    finally:
+        marks.restore()
+        for r in b.runs:
+            r.fn = None
+        del b, model
+        torch._dynamo.reset()
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv: Sequence[str] | None = None, extra_variants: Sequence[Variant] = ()) -> Path:
+    """Run the benchmark; ``extra_variants`` (tests) are appended to every model's variants."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    command = ["benchmarks/e2e.py", *(sys.argv[1:] if argv is None else argv)]
+    output = Output(out=out, args=args, argv=command,
+                    env=environment(torch.device(args.device), getattr(torch, args.dtype)),
+                    started=datetime.datetime.now().isoformat(timespec="seconds"))
+    if not isinstance(toprovar_backend(), str):
+        output.notes.append("backend passed as `toprovar_fx.backend.toprovar_backend` (the `toprovar` entry "
+                            "point is not installed here); same function")
+    budget = Budget(T_START + args.budget_s)
+    # Every variant compiles the same block code objects: Dynamo's per-code-object limits must hold
+    # all of them (toprovar raises recompile_limit to 64 only), scoped to this run.
+    with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=8192):
+        for i, name in enumerate(args.models):
+            share = budget.share(len(args.models) - i)
+            if share.left() <= 0:
+                output.notes.append(f"{name}: skipped entirely (time budget)")
+                continue
+            try:
+                bench_model(name, args, share, output, extra_variants)
+            except (Exception, DeadlineExceeded) as err:  # noqa: BLE001 - keep what the other models gave
+                output.notes.append(f"{name}: stopped: {one_line(err)}")
+                log.exception("%s failed", name)
+            output.write()
+    log.info("wrote %s and %s", out / "e2e.md", out / "e2e.json")
+    return out
+
+
+if __name__ == "__main__":
+    main()

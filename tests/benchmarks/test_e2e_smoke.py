@@ -1,0 +1,178 @@
+"""``benchmarks/e2e.py`` end to end on CPU (infinity-tiny), plus its trace and policy helpers.
+
+The CPU run checks the pipeline, not speed: every phase runs, the outputs have one row per
+variant and one per-scale row per scale, and a variant that fails is reported, not raised. The
+GPU-only parts of the trace summary (launches, kernel busy time) are checked on a synthetic trace.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from toprovar_fx import zoo
+from toprovar_fx.policies import Policy, load_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "e2e.py"
+VARIANTS = ["eager", "observe", "toprovar"]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("toprovar_benchmarks_e2e", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is created
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def e2e() -> ModuleType:
+    return _load()
+
+
+@pytest.fixture(scope="module")
+def result(e2e: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("e2e")
+    broken = e2e.Variant("broken", "broken policy", "toprovar", "an unknown policy, strict",
+                         options={"policy": "no-such-policy", "strict": True}, prunes=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        e2e.main(["--device", "cpu", "--models", "infinity-tiny", "--variants", ",".join(VARIANTS),
+                  "--rounds", "5", "--warmup", "1", "--budget-s", "300", "--out", str(out)],
+                 extra_variants=[broken])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    return {"json": json.loads((out / "e2e.json").read_text()), "md": (out / "e2e.md").read_text(),
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def _section(md: str, title_start: str) -> list[str]:
+    """Table rows (not header / rule) of the first section whose title starts with ``title_start``."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### " + title_start))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append(line)
+    return rows[1:]
+
+
+def test_outputs_and_rows(result: dict[str, Any]) -> None:
+    assert result["files"] == ["e2e.json", "e2e.md"]
+    model = result["json"]["models"]["infinity-tiny"]
+    keys = [v["key"] for v in model["variants"]]
+    assert sorted(keys) == sorted(VARIANTS + ["broken"])
+    latency = _section(result["md"], "Latency")
+    assert sorted(row.split("|")[1].strip() for row in latency) == sorted(keys)
+    num_scales = len(zoo.build("infinity-tiny", device="meta").resolve_schedule(None))
+    assert len(model["schedule"]) == num_scales == len(model["per_scale"])
+    wall = _section(result["md"], "Per-scale wall ms")
+    assert [row.split("|")[1].strip() for row in wall] == [str(i + 1) for i in range(num_scales)] + ["decode"]
+
+
+def test_every_variant_measured(result: dict[str, Any]) -> None:
+    model = result["json"]["models"]["infinity-tiny"]
+    k = len(model["schedule"])
+    for v in model["variants"]:
+        if v["key"] == "broken":
+            continue
+        assert v["status"] == "ok", v
+        assert len(v["times_ms"]) == 5 and v["first_call_ms"] > 0
+        assert v["mark_counts"] == [k] * 5  # the scale-end wrapper ran once per scale in every variant
+        assert len(v["segment_medians_ms"]) == k + 1
+        assert v["profile"]["marks"] == k and v["profile"]["top_host_ops"]
+        assert v["kv_bytes_b1"] > 0
+        assert isinstance(v["dynamo_frames_timed"], int)
+    reports = {v["key"]: v["report"] for v in model["variants"]}
+    assert reports["eager"] is None and reports["toprovar"]["policy"] == "infinity-tiny"
+    assert len(reports["toprovar"]["scales"]) == k
+    assert model["rows"]["eager"]["vs_eager"] == pytest.approx(1.0)
+    assert {t["target"].split(" ")[0] for t in model["targets"]} >= {"toprovar", "observe", "zero", "pruned"}
+
+
+def test_failing_variant_is_reported(result: dict[str, Any]) -> None:
+    model = result["json"]["models"]["infinity-tiny"]
+    broken = next(v for v in model["variants"] if v["key"] == "broken")
+    assert broken["status"] == "failed" and "no-such-policy" in broken["error"]
+    assert "\n" not in broken["error"] and broken["times_ms"] == []
+    row = next(r for r in _section(result["md"], "Latency") if r.startswith("| broken "))
+    assert "failed: compile" in row
+
+
+def test_stage_policies(e2e: ModuleType) -> None:
+    base = load_policy("infinity-2b")
+    scale = Policy.from_dict(e2e.stage_policy("infinity-2b", "scale"))
+    assert scale.scale.mode == "skip_after_D" and set(scale.layer.actions.values()) == {"keep"}
+    assert scale.scale.tau == base.scale.tau and scale.scale.min_start_scale == base.scale.min_start_scale
+    layer = Policy.from_dict(e2e.stage_policy("infinity-2b", "scale_layer"))
+    assert dict(layer.layer.actions) == {"global": "keep", "detail": "skip"}
+    assert layer.layer.mode == base.layer.mode and layer.scale == base.scale
+    with pytest.raises(ValueError, match="stage"):
+        e2e.stage_policy("infinity-2b", "token")
+
+
+def test_scale_marks_once_per_scale_and_restored(e2e: ModuleType) -> None:
+    model = zoo.build("infinity-tiny")
+    k = len(model.resolve_schedule(None))
+    marks = e2e.ScaleMarks(model, k, "cpu")
+    marks.install()
+    try:
+        gen = e2e.run_generation(model.autoregressive_infer_cfg, e2e.sampler_call(model, 1, "cpu"), marks, "cpu",
+                                 capture_kv=True)
+    finally:
+        marks.restore()
+    assert gen.marks == k and len(gen.segments_ms) == k + 1 and gen.kv_bytes > 0
+    assert "get_logits" not in model.__dict__
+    assert e2e.kv_cache_bytes(model) == 0  # the sampler cleared its caches
+
+
+def _event(name: str, cat: str, ts: float, dur: float, corr: int | None = None) -> dict[str, Any]:
+    ev = {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": 1}
+    if corr is not None:
+        ev["args"] = {"correlation": corr}
+    return ev
+
+
+def test_summarize_trace_segments(e2e: ModuleType) -> None:
+    events = [
+        _event(e2e.GEN_RANGE, "user_annotation", 0, 1000),
+        _event("aten::mm", "cpu_op", 10, 50),
+        _event("aten::add", "cpu_op", 20, 10),  # nested in mm: mm's self time is 40
+        _event("cudaLaunchKernel", "cuda_runtime", 12, 2, corr=1),
+        _event("cuLaunchKernel", "cuda_driver", 30, 2, corr=2),
+        _event(e2e.MARK_RANGE, "user_annotation", 100, 1),  # end of scale 1
+        _event("cudaGraphLaunch", "cuda_runtime", 150, 5, corr=3),
+        _event(e2e.MARK_RANGE, "user_annotation", 300, 1),  # end of scale 2
+        _event("cudaLaunchKernel", "cuda_runtime", 400, 2, corr=4),  # decode
+        _event("toprovar.decide", "user_annotation", 160, 20),
+        _event("gemm", "kernel", 40, 100, corr=1),  # runs past the mark: still scale 1 (its launch)
+        _event("add", "kernel", 120, 30, corr=2),  # overlaps gemm: union 40..150
+        _event("g1", "kernel", 310, 10, corr=3),
+        _event("g2", "kernel", 320, 10, corr=3),
+        _event("dec", "kernel", 500, 5, corr=4),
+    ]
+    s = e2e.summarize_trace(events, 2, gpu=True)
+    assert s["marks"] == 2
+    assert s["launches"] == [2, 1, 1] and s["launches_total"] == 4
+    assert s["busy_ms"] == pytest.approx([0.110, 0.020, 0.005])
+    assert s["busy_ms_total"] == pytest.approx(0.135)
+    assert s["top_kernels"][0] == {"name": "gemm", "ms": 0.1, "calls": 1}
+    host = {h["name"]: h["ms"] for h in s["top_host_ops"]}
+    assert host == pytest.approx({"aten::mm": 0.040, "aten::add": 0.010})
+    assert s["toprovar_ranges"] == {"toprovar.decide": {"ms": 0.02, "count": 1}}
+    cpu = e2e.summarize_trace(events, 2, gpu=False)
+    assert cpu["launches"] is None and cpu["busy_ms"] is None
+    assert e2e.summarize_trace(events, 3, gpu=True)["launches"] is None  # marks != scales: no per-scale split
