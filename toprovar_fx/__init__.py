@@ -9,3 +9,18 @@ from .runtime.session import entropy_maps, last_generation
 
 __all__ = ["GenerationReport", "LayerReport", "ScaleReport", "entropy_maps", "last_generation"]
 __version__ = "0.1.0"
+
+
+def _register_backend() -> None:
+    """Make ``backend="toprovar"`` work from a source checkout too (no entry point installed)."""
+    try:
+        from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+    except ImportError:  # a torch without this registry: the entry point still works when installed
+        return
+    if "toprovar" not in _COMPILER_FNS:
+        from .backend import toprovar_backend
+
+        register_backend(compiler_fn=toprovar_backend, name="toprovar")
+
+
+_register_backend()

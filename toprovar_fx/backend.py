@@ -16,7 +16,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .lowering.cuda_graphs import CudaGraphCache, mutates_inputs
+from .lowering.runners import GraphRunner, ScaleSwitchRunner
 from .passes.context import PassContext
+from .passes.graph_utils import is_static_input
 from .passes.pipeline import run_passes
 from .runtime.dispatch import accumulate_scale, dispatch_branch
 from .runtime.session import Session
@@ -79,34 +82,6 @@ def _ensure_recompile_budget(limit: int) -> None:
         setattr(cfg, name, limit)
 
 
-class GraphRunner:
-    """The callable handed back to Dynamo for one graph: runs it, then records entropy."""
-
-    def __init__(self, session: Session, fn: Callable, hoisted: list[tuple[int, bool]], n_outputs: int,
-                 sequence: bool):
-        self.session = session
-        self.fn = fn
-        self.hoisted = hoisted  # (site id, whether the key length follows the entropy output)
-        self.n_outputs = n_outputs
-        self.sequence = sequence
-
-    def __call__(self, *args: Any) -> Any:
-        outs = self.fn(*args)
-        if not self.hoisted:
-            return outs
-        n = self.n_outputs
-        record = self.session.record_attention
-        i = n
-        for sid, with_len in self.hoisted:
-            if with_len:
-                record(sid, outs[i], key_len=int(outs[i + 1]))
-                i += 2
-            else:
-                record(sid, outs[i])
-                i += 1
-        return tuple(outs[:n]) if self.sequence else outs[0]
-
-
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy whose graph can be rewritten while ``gm`` stays runnable as the dense fallback."""
     graph = fx.Graph()
@@ -118,7 +93,66 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def _wants_inductor(settings: Settings, example_inputs: list[Any]) -> bool:
     if settings.inductor is not None:
         return settings.inductor
+    return _on_cuda(example_inputs)
+
+
+def _on_cuda(example_inputs: list[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def _has_runtime_calls(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target in _RUNTIME_CALLS for n in gm.graph.nodes)
+
+
+def _lower_whole(work: fx.GraphModule, example_inputs: list[Any], session: Session, graph_id: int) -> Callable:
+    """A graph without run-time decisions: Inductor (CUDA by default), then CUDA graphs for small calls."""
+    settings = session.settings
+    fn: Callable = work.forward
+    if _wants_inductor(settings, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        fn = compile_fx(work, example_inputs)
+    use_graphs = settings.cuda_graphs if settings.cuda_graphs is not None else True
+    if use_graphs and _on_cuda(example_inputs) and not mutates_inputs(work.graph):
+        static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
+        fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}")
+    return fn
+
+
+def _runner(session: Session, fn: Callable, ctx: PassContext, dense_variant: bool = False) -> GraphRunner:
+    return GraphRunner(session, fn, ctx.hoisted, ctx.n_outputs, ctx.outputs_sequence, dense_variant=dense_variant)
+
+
+def _map_block_specs(session: Session, spec_ids: list[int]) -> None:
+    """Give each self-attention site the routed specs of its block (``Session.block_specs``)."""
+    block: list[int] | None = None
+    for spec_id in spec_ids:
+        spec = session.branches[spec_id]
+        if spec.kind == "self_attn" and spec.site_ids:
+            block = session.block_specs[spec.site_ids[0]] = []
+        if block is not None:
+            block.append(spec_id)
+
+
+def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Session, graph_id: int) -> Callable:
+    """Prune mode: the dispatcher variant, plus its dense stand-in for scales the policy cannot act on."""
+    ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="prune")
+    work = run_passes(_copy_graph_module(gm), ctx)
+    if not _has_runtime_calls(work):
+        return _runner(session, _lower_whole(work, example_inputs, session, graph_id), ctx)
+    if _wants_inductor(session.settings, example_inputs):
+        from .lowering.inductor_branches import compile_branches
+
+        compile_branches(work, session.compiled_branches)
+    pruned = _runner(session, work.forward, ctx)
+    _map_block_specs(session, ctx.spec_ids)
+    dense_ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe",
+                            reuse_site_ids=list(ctx.registered_site_ids))
+    dense_work = run_passes(_copy_graph_module(gm), dense_ctx)
+    dense = _runner(session, _lower_whole(dense_work, example_inputs, session, graph_id), dense_ctx,
+                    dense_variant=True)
+    self_sites = sum(session.sites[sid].kind != "cross" for sid in dense_ctx.registered_site_ids)
+    return ScaleSwitchRunner(session, dense, pruned, self_sites)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Session) -> Callable:
@@ -127,22 +161,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
     t0 = time.perf_counter()
     _ensure_recompile_budget(settings.recompile_limit)
     graph_id = session.graphs
-    ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id,
-                      mode=settings.resolved_mode)
     try:
-        work = run_passes(_copy_graph_module(gm), ctx)
-        fn: Callable = work.forward
-        if _wants_inductor(settings, example_inputs):
-            if any(n.op == "call_function" and n.target in _RUNTIME_CALLS for n in work.graph.nodes):
-                # The dispatcher and the accumulation gate decide in Python at run time; tracing them
-                # with fake tensors would freeze one decision into the compiled code. Such graphs
-                # run as rewritten FX.
-                log.info("toprovar: graph %d holds run-time decisions; not handed to Inductor", graph_id)
-            else:
-                from torch._inductor.compile_fx import compile_fx
-
-                fn = compile_fx(work, example_inputs)
-        runner: Callable = GraphRunner(session, fn, ctx.hoisted, ctx.n_outputs, ctx.outputs_sequence)
+        if settings.resolved_mode == "prune":
+            runner = _compile_prune(gm, example_inputs, session, graph_id)
+        else:
+            ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe")
+            work = run_passes(_copy_graph_module(gm), ctx)
+            runner = _runner(session, _lower_whole(work, example_inputs, session, graph_id), ctx)
     except Exception as err:  # noqa: BLE001 - any failure must fall back to the traced graph
         if settings.strict:
             raise

@@ -27,6 +27,11 @@ class Settings:
     mode: str | None = None
     # Hand rewritten graphs to Inductor. None = on for CUDA graphs, off for CPU graphs.
     inductor: bool | None = None
+    # Replay graphs whose per-call inputs are small (the early, launch-bound scales) from CUDA
+    # graphs captured by the backend. None = on for CUDA graphs.
+    cuda_graphs: bool | None = None
+    # Largest per-call input size (MiB, copied into the graph's buffers each call) captured.
+    cuda_graph_max_mib: float = 64.0
     # Raise instead of falling back to dense execution.
     strict: bool = False
     # Dynamo's recompile limit is raised to at least this so that every scale of a
@@ -48,6 +53,8 @@ _OPTION_DOCS = {
     "preset": "quality | balanced | fast (a preset defined by the policy)",
     "mode": "observe | prune",
     "inductor": "bool: hand rewritten graphs to Inductor (default: on for CUDA, off for CPU)",
+    "cuda_graphs": "bool: replay small graphs (early scales) from CUDA graphs (default: on for CUDA)",
+    "cuda_graph_max_mib": "number > 0: largest per-call input size (MiB) replayed from a CUDA graph",
     "strict": "bool: raise instead of falling back to dense",
     "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
     "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
@@ -69,13 +76,16 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         raise ValueError(f"toprovar: option 'mode' must be one of {VALID_MODES}, got {mode!r}")
     if mode == "prune" and options.get("policy") is None:
         raise ValueError("toprovar: option mode='prune' needs option 'policy' (a name, YAML path or dict)")
-    for key in ("inductor", "strict"):
+    for key in ("inductor", "strict", "cuda_graphs"):
         val = options.get(key)
         if val is not None and not isinstance(val, bool):
             raise ValueError(f"toprovar: option {key!r} must be a bool, got {val!r}")
     limit = options.get("recompile_limit", 64)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 16:
         raise ValueError(f"toprovar: option 'recompile_limit' must be an int >= 16, got {limit!r}")
+    max_mib = options.get("cuda_graph_max_mib", 64.0)
+    if not isinstance(max_mib, (int, float)) or isinstance(max_mib, bool) or not max_mib > 0:
+        raise ValueError(f"toprovar: option 'cuda_graph_max_mib' must be a number > 0, got {max_mib!r}")
     policy = options.get("policy")
     from .policies import Policy
 
@@ -91,6 +101,8 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         preset=options.get("preset"),
         mode=mode,
         inductor=options.get("inductor"),
+        cuda_graphs=options.get("cuda_graphs"),
+        cuda_graph_max_mib=float(max_mib),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,
         schedules=schedules,

@@ -32,3 +32,9 @@ class PassContext:
     n_outputs: int = 0
     outputs_sequence: bool = True
     branches: list[Any] = field(default_factory=list)  # ResidualBranch, from find_residual_branches
+    # Session site ids registered by rewrite_attention, in rewrite order. A second rewrite of the
+    # same Dynamo graph (the dense variant of a prune-mode graph) passes them as reuse_site_ids
+    # so that both variants record under the same sites instead of registering duplicates.
+    registered_site_ids: list[int] = field(default_factory=list)
+    reuse_site_ids: list[int] | None = None
+    spec_ids: list[int] = field(default_factory=list)  # session branch specs routed, in graph order

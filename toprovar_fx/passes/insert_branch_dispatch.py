@@ -77,6 +77,7 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             attention_pair_flops=br.attention_pair_flops,
         )
         spec_id = session.add_branch(spec)
+        ctx.spec_ids.append(spec_id)
         with graph.inserting_before(br.add):
             mod = graph.get_attr(name)
             call = graph.call_function(dispatch_branch, (session.id, spec_id, mod, *br.inputs))

@@ -64,11 +64,18 @@ def rewrite_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # self-attentions (one block per graph in the common case).
     n_self = sum(site.kind == "self" for site, _ in ctx.rewritten)
     per_site = sum(linear_flops(n) for n in gm.graph.nodes) / max(n_self, 1)
-    for site, ent in ctx.rewritten:
-        info = ctx.session.add_site(pattern=site.pattern, kind=site.kind, heads=site.heads,
-                                    head_dim=site.head_dim, graph_id=ctx.graph_id,
-                                    linear_flops_per_token=per_site if site.kind == "self" else 0.0)
-        ctx.site_ids[ent] = info.site_id
+    reuse = ctx.reuse_site_ids
+    if reuse is not None and len(reuse) != len(ctx.rewritten):
+        raise RuntimeError(f"dense variant rewrote {len(ctx.rewritten)} attention(s), the pruned one {len(reuse)}")
+    for j, (site, ent) in enumerate(ctx.rewritten):
+        if reuse is not None:
+            sid = reuse[j]
+        else:
+            sid = ctx.session.add_site(pattern=site.pattern, kind=site.kind, heads=site.heads,
+                                       head_dim=site.head_dim, graph_id=ctx.graph_id,
+                                       linear_flops_per_token=per_site if site.kind == "self" else 0.0).site_id
+        ctx.site_ids[ent] = sid
+        ctx.registered_site_ids.append(sid)
     if ctx.rewritten:
         finalize(gm)
     kinds = ", ".join(f"{s.pattern}/{s.kind}" for s, _ in ctx.rewritten)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from .entropy_stats import low_entropy_ratio, per_image
 from .token_ops import gather_tokens, restore_cached, restore_identity
@@ -78,6 +79,83 @@ class Decider:
             self.resolved = self.policy.resolved(name)
         return self.resolved
 
+    def on_tick(self, tick: Any) -> None:
+        """Every self-attention tick of the session, from either variant of a graph."""
+        self.tick = tick
+        if self.cur is None or self.cur.scale != tick.scale or tick.new_generation:
+            self.cur = ScaleDecisions(tick.scale)
+            self.latest_full = None
+
+    def keeps_all_next(self, self_sites: int) -> bool:
+        """Whether the next graph call surely keeps every branch, so its dense variant may run.
+
+        True when the call cannot reach a scale the policy acts on (``first_active_scale``), and,
+        for a one-block graph, when this generation's decisions so far say the next block is
+        kept: one of the first ``measure_layer + 1`` blocks of a scale that is neither skipped
+        nor CFG-reusing, or a block of an already decided scale that is inactive, or whose layer
+        is kept (not eligible, a keep class, or keeping every token). The prediction uses only
+        what the dispatcher variant would consult, so both variants compute the same thing.
+        """
+        first = self.first_active_scale()
+        if first is None:
+            return False
+        clock, gen, pol = self.session.clock, self.gen, self.policy
+        depth = clock.depth
+        span = 1 + (-(-(self_sites - 1) // depth) if depth else self_sites - 1)
+        if clock.scale + span < first:
+            return True
+        if self_sites != 1 or not depth:
+            return False
+        same = clock.layer + 1 < depth
+        scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
+        res = self._resolve()
+        after_d = pol.scale.mode == "skip_after_D" and gen.start_scale is not None and scale > gen.start_scale
+        if res is None or scale in res.skip_scales or scale in gen.skipped or after_d:
+            return False
+        if res.reuse_cond_from is not None and scale >= res.reuse_cond_from:
+            return False
+        if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
+            return False
+        if self._needs_entropy and layer <= pol.scale.measure_layer:
+            return True
+        cur = self.cur
+        if not same or cur is None or cur.scale != scale or not cur.decided:
+            return False
+        if not cur.active or not pol.layer.eligible(layer):
+            return True
+        if not gen.layer_classes:
+            return False  # classes are computed by the dispatcher variant's first decision
+        action = pol.layer.actions[gen.layer_classes.get(layer, "global")]
+        if action != "prune_tokens":
+            return action == "keep"
+        k = cur.kept.get(layer)
+        return k is None or k >= gen.tokens.get(scale, 0)
+
+    def first_active_scale(self) -> int | None:
+        """The first scale of this generation at which the policy may change anything.
+
+        Before it every branch is kept, so the backend may run the dense variant of a graph
+        (``ScaleSwitchRunner``). None while unknown (no schedule resolved yet, a test
+        override); the schedule length when the policy does not fit (it runs dense).
+        """
+        clock = self.session.clock
+        if self.override is not None or self.gen is None or clock.depth is None:
+            return None  # the fingerprint check needs the depth, known after scale 0
+        if clock.mismatch is not None or self.gen.index in self.unfit:
+            return 10**9
+        res = self._resolve()
+        if res is None:
+            return None
+        pol = self.policy
+        firsts = [res.num_scales, *res.skip_scales]
+        if pol.scale.mode != "off":
+            firsts.append(res.min_start)
+        if res.reuse_cond_from is not None:
+            firsts.append(res.reuse_cond_from)
+        if pol.restore.mode == "cached_scale" and res.cached_scale is not None:
+            firsts.append(res.cached_scale)
+        return max(1, min(firsts))
+
     def observed_fingerprint(self, num_scales: int) -> dict[str, Any]:
         """What the graphs and the clock tell about the model (family is not observable)."""
         selfs = [s for s in self.session.sites if s.kind == "self"]
@@ -90,10 +168,7 @@ class Decider:
         x = inputs[spec.hidden]
         session = self.session
         if spec.kind == "self_attn":
-            self.tick = session.tick(int(x.shape[1]), int(x.shape[0]))
-            if self.cur is None or self.cur.scale != self.tick.scale or self.tick.new_generation:
-                self.cur = ScaleDecisions(self.tick.scale)
-                self.latest_full = None
+            session.tick(int(x.shape[1]), int(x.shape[0]))  # -> on_tick
         tick = self.tick
         if tick is None:  # a branch before any self-attention (never in VAR blocks): run it
             return self._keep(spec, branch, inputs, x, None)
@@ -235,12 +310,15 @@ class Decider:
             return "keep", None
         if self._scale_skipped(res, tick.scale):
             return "skip", None
-        self._maybe_classify(res, tick)
+        if not self.gen.layer_classes:
+            with record_function("toprovar.layer_svd"):
+                self._maybe_classify(res, tick)
         cur = self.cur
         if self._needs_entropy and tick.layer <= self.policy.scale.measure_layer:
             return "keep", None  # the scale's decisions wait for the measured layer's entropy
         if not cur.decided:
-            self._decide_scale(res, tick)
+            with record_function("toprovar.decide_scale"):
+                self._decide_scale(res, tick)
         if not cur.active:
             return "keep", None
         if not self.policy.layer.eligible(tick.layer):
@@ -255,10 +333,12 @@ class Decider:
         if k is None or k >= int(x.shape[1]):
             return "keep", None
         if self.policy.token.select_per == "sublayer":
-            return "prune_tokens", self._indices(x, k, tick)
+            with record_function("toprovar.select_tokens"):
+                return "prune_tokens", self._indices(x, k, tick)
         idx = cur.indices.get(tick.layer)  # select_per: block -> one choice for all sublayers
         if idx is None or idx.shape[0] != x.shape[0]:
-            idx = cur.indices[tick.layer] = self._indices(x, k, tick)
+            with record_function("toprovar.select_tokens"):
+                idx = cur.indices[tick.layer] = self._indices(x, k, tick)
         return "prune_tokens", idx
 
     def _scale_skipped(self, res, scale: int) -> bool:

@@ -94,6 +94,11 @@ class Session:
         self.gen: GenerationState | None = None
         self.decider: Any | None = None  # set by the backend in prune mode
         self._in_branch = 0
+        self.compiled_branches: dict[str, Any] = {}  # branch code -> compiled callable (lowering/)
+        # self-attention site -> the routed branch specs of its block (the self-attention branch
+        # and those after it up to the next one): what the dense variant of a routed graph
+        # accounts when it runs the block, exactly as the dispatcher would for kept branches
+        self.block_specs: dict[int, list[int]] = {}
         _SESSIONS[self.id] = self
 
     # ----- compile time -------------------------------------------------------------------
@@ -137,6 +142,8 @@ class Session:
             self.session_fallbacks = []
             if self.decider is not None:
                 self.decider.start_generation(self.gen)
+        if self.decider is not None:
+            self.decider.on_tick(t)
         gen = self.gen
         if t.new_scale:
             gen.tokens[t.scale] = tokens
@@ -145,6 +152,16 @@ class Session:
             if self.clock.mismatch is not None and self.policy is not None and t.scale == len(self.clock.token_history) - 1:
                 self._policy_mismatch(self.clock.mismatch)
         return t
+
+    def dense_ahead(self, self_sites: int = 1) -> bool:
+        """Whether the next call of a graph holding ``self_sites`` self-attentions surely keeps
+        every branch (prune mode; ``Decider.keeps_all_next``). Unknown is False."""
+        decider = self.decider
+        if decider is None:
+            return True
+        if self.clock.generation < 0 or self.gen is None:
+            return False
+        return decider.keeps_all_next(self_sites)
 
     def _policy_mismatch(self, message: str) -> None:
         """The policy does not fit what runs: raise (strict / on_mismatch: error) or go dense."""
@@ -156,12 +173,13 @@ class Session:
         self.fallback(text)
 
     def record_attention(self, site_id: int, entropy: torch.Tensor, tick: Tick | None = None,
-                         key_len: int | None = None) -> None:
+                         key_len: int | None = None, dense_variant: bool = False) -> None:
         """An attention site produced head-mean entropy ``[rows, Lq]``.
 
         ``key_len`` comes with sites whose kind could not be told from their graph (a block
         split over several graphs): it is self-attention when the keys are exactly the tokens
-        of every scale so far (the K/V cache plus this scale).
+        of every scale so far (the K/V cache plus this scale). ``dense_variant``: the site ran
+        in the dense stand-in of a routed graph (``dense_ahead``), not outside a routed branch.
         """
         site = self.sites[site_id]
         rows, lq = entropy.shape[0], entropy.shape[-1]
@@ -173,7 +191,7 @@ class Session:
         observe = tick is None  # in prune mode the dispatcher ticks and counts FLOPs itself
         if observe:
             tick = self.tick(int(lq), int(rows))
-            if self.decider is not None and tick.scale > 0:
+            if self.decider is not None and tick.scale > 0 and not dense_variant:
                 reasons = "; ".join(sorted(self.unrouted)) or "no residual branch found around it"
                 self.fallback(
                     "a self-attention ran outside a routed residual branch, so its layer cannot be skipped "
@@ -183,8 +201,15 @@ class Session:
         key = (tick.scale, tick.layer)
         if lq == gen.tokens.get(tick.scale):
             gen.entropy[key] = entropy.detach()
+            if dense_variant and self.decider is not None:
+                self.decider.latest_full = gen.entropy[key]  # as the dispatcher's keep path records
         if observe and key not in gen.flops:
-            self._count_flops(site, tick, kept=None)
+            specs = self.block_specs.get(site_id) if dense_variant and self.decider is not None else None
+            if specs:
+                for spec_id in specs:
+                    self.decider._account(self.branches[spec_id], tick, "keep", int(lq))
+            else:
+                self._count_flops(site, tick, kept=None)
 
     def _count_flops(self, site: SiteInfo, tick: Tick, kept: int | None) -> None:
         """FLOPs of one block: linear layers per token plus attention against the K/V cache."""

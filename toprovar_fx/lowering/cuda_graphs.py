@@ -1,0 +1,159 @@
+"""Replay small graphs from CUDA graphs captured by the backend.
+
+Why: at batch 1 the early scales of a VAR sampler are launch-bound: a block of Infinity-2B
+issues tens of kernels per scale whose GPU time is shorter than the host time to launch
+them. Inductor's own CUDA graphs ("reduce-overhead") do not fit these samplers: the K/V
+cache grows by ``torch.cat`` into tensors the next scale reads after other graphs ran, which
+cudagraph trees treat as overwritten outputs. Here every (input shapes, parameter addresses)
+pair gets its own graph with a private memory pool, the per-call inputs are copied into
+static buffers, and the outputs are cloned out after the replay, so callers see ordinary
+tensors with ordinary lifetimes. Only calls whose per-call inputs are small are captured
+(``max_bytes``): for large scales the copies would cost more than the launches they save,
+and those scales are GPU-bound anyway.
+
+Preconditions: the wrapped function is pure apart from its outputs (no in-place update of an
+input, see ``mutates_inputs``), issues no host synchronisation, and reads parameters
+(``static`` inputs) that are not reallocated between calls (their address is part of the
+key, so a reallocated parameter gets a new graph, never stale memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("toprovar")
+
+_VIEW_OPS = {
+    "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "select", "narrow",
+    "as_strided", "chunk", "split", "unflatten", "flatten", "t", "view_as", "unbind", "contiguous",
+}
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def mutates_inputs(graph: fx.Graph) -> bool:
+    """Whether an in-place op (``add_``, ``copy_``, ``x[i] = v``) writes into a graph input or a view of one."""
+    aliases: set[fx.Node] = set(graph.find_nodes(op="placeholder"))
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = _op_name(node)
+        first = node.args[0] if node.args else None
+        if first in aliases and (name in _VIEW_OPS or name == "getitem"):
+            aliases.add(node)
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in ("setitem", "__setitem__")
+        if in_place and first in aliases:
+            return True
+    return False
+
+
+class _Captured:
+    """One CUDA graph: static input buffers, the graph, its static outputs."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[Any], copy_idx: list[int], outputs: Any):
+        self.graph = graph
+        self.inputs = inputs
+        self.copy_idx = copy_idx
+        self.outputs = outputs
+
+    def run(self, args: Sequence[Any]) -> Any:
+        for i in self.copy_idx:
+            self.inputs[i].copy_(args[i])
+        self.graph.replay()
+        out = self.outputs
+        if isinstance(out, (tuple, list)):
+            return type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+        return out.clone() if isinstance(out, torch.Tensor) else out
+
+
+_UNSEEN = object()
+
+
+class CudaGraphCache:
+    """Calls ``fn``; calls with small CUDA inputs replay a captured CUDA graph instead.
+
+    ``static[i]`` marks inputs that are module state (parameters, buffers): never copied,
+    their address keys the graph. Everything else is copied into the graph's buffers each
+    call. The key is cheap on purpose (addresses, shapes, strides, plain values): it is
+    computed on every call of a launch-bound scale. Dtypes and devices are not in it because
+    Dynamo guards them before this graph is called. A failed capture disables capturing for
+    this function (with one log line) and the call runs ``fn`` as before.
+    """
+
+    def __init__(self, fn: Callable, static: Sequence[bool], max_bytes: int, name: str = "graph",
+                 max_graphs: int = 4096):
+        self.fn = fn
+        self.n_args = len(static)
+        self.static_idx = [i for i, s in enumerate(static) if s]
+        self.dynamic_idx = [i for i, s in enumerate(static) if not s]
+        self.max_bytes = max_bytes
+        self.max_graphs = max_graphs
+        self.name = name
+        self.graphs: dict[tuple[Any, ...], _Captured | None] = {}  # None: seen, not captured
+        self.disabled: str | None = None
+        self.replays = 0
+
+    def __call__(self, *args: Any) -> Any:
+        if self.disabled is None and len(args) == self.n_args:
+            key = self._key(args)
+            entry = self.graphs.get(key, _UNSEEN)
+            if entry is _UNSEEN:
+                entry = self._first_sight(key, args)
+            if entry is not None:
+                self.replays += 1
+                return entry.run(args)
+        return self.fn(*args)
+
+    def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        statics = tuple([args[i].data_ptr() if isinstance(args[i], torch.Tensor) else args[i]
+                         for i in self.static_idx])
+        dynamic = tuple([(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a
+                         for a in [args[i] for i in self.dynamic_idx]])
+        return statics, dynamic
+
+    def _first_sight(self, key: tuple[Any, ...], args: Sequence[Any]) -> _Captured | None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        copied = sum(args[i].numel() * args[i].element_size() for i in self.dynamic_idx
+                     if isinstance(args[i], torch.Tensor))
+        fits = (all(t.device.type == "cuda" for t in tensors) and copied <= self.max_bytes
+                and len(self.graphs) < self.max_graphs and not torch.cuda.is_current_stream_capturing())
+        try:
+            hash(key)
+        except TypeError:  # an argument that is neither a tensor nor a plain value: never capture
+            return None
+        entry = self._capture(args) if fits else None
+        if self.disabled is None:
+            self.graphs[key] = entry
+        return entry
+
+    def _capture(self, args: Sequence[Any]) -> _Captured | None:
+        copy_idx = [i for i in self.dynamic_idx if isinstance(args[i], torch.Tensor)]
+        inputs = list(args)
+        for i in copy_idx:
+            a = args[i]
+            inputs[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+            inputs[i].copy_(a)
+        try:
+            # warm-up on a side stream (lazy initialisation, autotuning), as CUDA graphs require
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self.fn(*inputs)
+        except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
+            self.disabled = f"{type(err).__name__}: {err}"
+            log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
+                        self.disabled)
+            return None
+        return _Captured(graph, inputs, copy_idx, outputs)
