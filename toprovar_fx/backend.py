@@ -146,6 +146,8 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
         compile_branches(work, session.compiled_branches)
     pruned = _runner(session, work.forward, ctx)
     _map_block_specs(session, ctx.spec_ids)
+    if any(n.op == "call_function" and n.target is accumulate_scale for n in work.graph.nodes):
+        return pruned  # whether a scale is accumulated is decided with the scale: no dense stand-in
     dense_ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe",
                             reuse_site_ids=list(ctx.registered_site_ids))
     dense_work = run_passes(_copy_graph_module(gm), dense_ctx)

@@ -51,7 +51,7 @@ class ScaleSwitchRunner:
         self.session = session
         self.dense = dense
         self.pruned = pruned
-        self.self_sites = max(1, self_sites)
+        self.self_sites = self_sites
 
     def __call__(self, *args: Any) -> Any:
         if self.session.dense_ahead(self.self_sites):

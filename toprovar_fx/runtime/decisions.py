@@ -101,13 +101,16 @@ class Decider:
             return False
         clock, gen, pol = self.session.clock, self.gen, self.policy
         depth = clock.depth
-        span = 1 + (-(-(self_sites - 1) // depth) if depth else self_sites - 1)
+        span = 1 + (-(-(max(self_sites, 1) - 1) // depth) if depth else max(self_sites, 1) - 1)
         if clock.scale + span < first:
             return True
-        if self_sites != 1 or not depth:
+        if self_sites > 1 or not depth:
             return False
-        same = clock.layer + 1 < depth
-        scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
+        if self_sites == 0:  # part of a block split over graphs: its branches belong to the current block
+            same, scale, layer = True, clock.scale, clock.layer
+        else:
+            same = clock.layer + 1 < depth
+            scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
         res = self._resolve()
         after_d = pol.scale.mode == "skip_after_D" and gen.start_scale is not None and scale > gen.start_scale
         if res is None or scale in res.skip_scales or scale in gen.skipped or after_d:
