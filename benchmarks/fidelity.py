@@ -200,24 +200,27 @@ def calibrate(model: torch.nn.Module, out: str | Path = CALIBRATED, *, items: in
               sampling: Sampling = Sampling(), show_progress: bool = False) -> Policy:
     """Run ``toprovar calibrate``'s function on var-ref and write the policy to ``out``.
 
-    The adapter of ``toprovar_fx.tools`` samples zoo VAR models with ``cfg=1.5`` and no top-p; here
-    its ``run`` is replaced so that calibration sees the generations this benchmark measures.
+    The sampling settings are passed as ``toprovar calibrate``'s ``--cfg`` / ``--top-p`` / ``--top-k``
+    (``calibrate_policy(cfg=, top_p=, top_k=)``), so calibration sees the generations this benchmark
+    measures. Equivalent command (the base here is ``var-tiny`` transposed with ``layer.beta`` 0.5,
+    whose behavioural fields equal the shipped ``var-ref`` policy's apart from the ones calibration
+    writes)::
+
+        toprovar calibrate --model var-ref --classes 32 --seed 1000 --base var-ref \\
+            --name var-ref-calibrated --cfg 2.0 --top-p 0.9 --top-k 0 --out var-ref-calibrated.yaml
+
     Calibration seeds (``seed + i``) are disjoint from the benchmark's (``0..samples/batch - 1``).
     """
     from toprovar_fx.tools import calibrate_policy
     from toprovar_fx.tools import load_model as tool_model
 
     adapter = tool_model(MODEL)
-    adapter.model = model
+    adapter.model = model  # the model already built here (the same checkpoint)
     adapter.sampler = model.autoregressive_infer_cfg
-
-    def run(fn: Callable[..., Any], labels: torch.Tensor, seed_: int) -> Any:
-        return _call(fn, labels, seed_, sampling)
-
-    adapter.run = run
     base = transpose("var-tiny", model, name=MODEL, overrides={"layer": {"beta": CALIBRATION_BETA}})
     torch._dynamo.reset()
     res = calibrate_policy(adapter, classes=items, base=base, seed=seed, out=out, name=f"{MODEL}-calibrated",
+                           cfg=sampling.cfg, top_p=sampling.top_p, top_k=sampling.top_k,
                            show_progress=show_progress)
     torch._dynamo.reset()
     return res.policy
@@ -611,12 +614,15 @@ def plot_fidelity(data: dict[str, Any], path: Path) -> None:
             for ax, key in ((ax_ssim, "ssim_mean"), (ax_psnr, "psnr_pooled"), (ax_agree, "token_agreement")):
                 if r[key] is not None:
                     ax.axhline(r[key], color="tab:orange", ls="--", lw=1)
-                    ax.annotate(f"dense, last {k} scale(s) resampled", (0.01, r[key]), fontsize=7,
+                    at = 0.25 if ax is ax_ssim else 0.01  # right of the SSIM panel's legend
+                    ax.annotate(f"dense, last {k} scale(s) resampled", (at, r[key]), fontsize=7,
                                 xycoords=("axes fraction", "data"), color="tab:orange", xytext=(0, 2),
                                 textcoords="offset points")
     ax_ssim.plot([1.0], [1.0], "k*", ms=10, label="dense / keepall")
     ax_pair.axhline(0.0, color="tab:red", lw=1)
-    titles = ("SSIM vs dense (mean over samples; 95% CIs of the means in fidelity.md: +-0.02-0.05)",
+    cis = [r["ssim_ci95"] for r in summary if r["family"] not in ("dense", "keepall") and r.get("ssim_ci95")]
+    ci_text = f"+-{min(cis):.2f}-{max(cis):.2f}" if cis else "n/a"
+    titles = (f"SSIM vs dense (mean over samples; 95% CIs of the means in fidelity.md: {ci_text})",
               "PSNR vs dense, dB (pooled MSE)", "token agreement with dense, last scale (arg-max)",
               "paired SSIM difference to toprovar at the same kept-token budget (mean, 95% CI)")
     for ax, name in zip(axes.flat, titles):
@@ -840,9 +846,11 @@ python -m pytest tests/benchmarks                # the CI-size machinery check (
 
 With the `toprovar` command: `toprovar bench --model var-ref --policies
 dense,benchmarks/results/var-ref-calibrated.yaml` measures latency, FLOP ratio and the fidelity of one
-sample, but samples zoo VAR models with the tool's fixed settings (cfg 1.5, no top-p), not var-ref's
-cfg 2.0 / top-p 0.9; `toprovar calibrate --model var-ref` likewise (this benchmark calls
-`calibrate_policy` with an adapter that samples as above).
+sample; `toprovar calibrate --model var-ref --classes 32 --seed 1000 --base var-ref --name
+var-ref-calibrated --out X.yaml` repeats the calibration. Both sample var-ref as this benchmark does
+(cfg 2.0, top-p 0.9: the settings its checkpoint records, their default for this model; `--cfg`,
+`--top-p`, `--top-k` override them), and `--calibrate` here passes the same values to
+`calibrate_policy`.
 
 ## Ordering and explanation
 

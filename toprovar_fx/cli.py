@@ -62,6 +62,14 @@ def _batches(text: str) -> list[int]:
     return vals
 
 
+def _sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (zoo models; default: the checkpoint's recorded settings, else cfg 1.5 "
+                             "for VAR / HART, cfg_list 3.0 for Infinity, no top-k / top-p)")
+    g.add_argument("--cfg", type=float, metavar="G", help="classifier-free guidance (VAR / HART cfg, Infinity cfg_list)")
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold in [0, 1] (0 = off)")
+    g.add_argument("--top-k", type=int, metavar="K", help="top-k sampling (0 = off)")
+
+
 def _common(p: argparse.ArgumentParser, *, model_required: bool = True, device: bool = True) -> None:
     p.add_argument("--model", required=model_required, metavar="MODEL",
                    help="zoo name (e.g. var-tiny, infinity-tiny) or module:factory for your own model")
@@ -91,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="POLICY", help="policy to start from (default: the model's shipped policy)")
     p.add_argument("--name", help="name of the written policy (default: BASE-calibrated)")
     p.add_argument("--tau", type=float, help="use this tau instead of the calibration rule")
+    _sampling(p)
     p.set_defaults(handler=_calibrate, _parser=p)
 
     p = sub.add_parser("plan", help="dry run: per-scale decisions and FLOPs of a policy, nothing generated",
@@ -130,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-probe", action="store_true", help="skip the extra untimed call per variant that measures the K/V cache")
     p.add_argument("--dynamic", action="store_true",
                    help="torch.compile(dynamic=True): needed by cfg.reuse_cond_from (SkipVAR)")
+    _sampling(p)
     p.set_defaults(handler=_bench, _parser=p)
 
     p = sub.add_parser("demo", help="dense vs toprovar on the embedded trained model: speed, fidelity, PNGs")
@@ -176,6 +186,15 @@ def _validate(args: argparse.Namespace) -> None:
             raise ToolError(f"unsupported device {dev!r}; expected cpu, cuda or cuda:N")
     if args.command != "demo":
         check_model_spec(args.model)
+    if args.command in ("calibrate", "bench"):
+        from toprovar_fx import zoo
+        from toprovar_fx.tools.calibrate import SAMPLING_FLAGS, check_sampling
+
+        check_sampling(args.cfg, args.top_p, args.top_k)
+        given = any(v is not None for v in (args.cfg, args.top_p, args.top_k))
+        if given and args.model not in zoo.list_models():
+            raise ToolError(f"{SAMPLING_FLAGS} apply to zoo models; {args.model!r} samples as its factory's "
+                            "sampler_call does (set cfg / top_p / top_k there)")
     if args.command == "calibrate":
         args.prompt_list = read_prompts(args.prompts) if args.prompts else None
         _check_conditioning(args.model, args.classes, args.prompts)
@@ -237,9 +256,13 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     r = calibrate_policy(args.model, classes=args.classes, prompts=args.prompt_list, out=args.out, base=args.base,
                          name=args.name, tau=args.tau, resolution=args.resolution, seed=args.seed,
-                         device=args.device, dtype=args.torch_dtype, show_progress=not args.quiet)
+                         device=args.device, dtype=args.torch_dtype, cfg=args.cfg, top_p=args.top_p,
+                         top_k=args.top_k, show_progress=not args.quiet)
     d = r.data
+    from toprovar_fx.tools.calibrate import describe_sampling
+
     print(f"calibrated {d['model']} on {len(d['items'])} items (schedule {d['schedule']}), base {d['base_policy']}")
+    print(f"sampling: {describe_sampling(d.get('sampling'))}")
     print(f"tau {d['tau']:g}: {d['tau_rule']}")
     starts = [None if s is None else s + 1 for s in d["start_scale"]]
     print(f"start scale D (1-based) per item: {starts}")
@@ -295,7 +318,8 @@ def _bench(args: argparse.Namespace) -> int:
     r = bench_policies(args.model, args.variants, runs=args.runs, warmup=args.warmup, batches=args.batch,
                        condition=parse_condition(args.condition), seed=args.seed, resolution=args.resolution,
                        device=args.device, dtype=args.torch_dtype, out=args.out, kv_probe=not args.no_kv_probe,
-                       dynamic=args.dynamic or None, show_progress=not args.quiet)
+                       dynamic=args.dynamic or None, cfg=args.cfg, top_p=args.top_p, top_k=args.top_k,
+                       show_progress=not args.quiet)
     print(r.to_markdown(), end="")
     if args.out:
         print(f"wrote {Path(args.out) / 'bench.md'} and {Path(args.out) / 'bench.json'}")

@@ -67,6 +67,11 @@ BAD = [
     (["inspect", "--model", "no_such_module:make", "--policy", "var-tiny", "--out", "x"], "cannot import module"),
     (["inspect", "--model", "var-tiny", "--policy", "var-tiny"], "required: --out"),
     (["demo", "--runs", "0"], "--runs must be >= 1"),
+    (["bench", "--model", "var-tiny", "--policies", "dense", "--top-p", "1.5"], "--top-p must be in [0, 1]"),
+    (["bench", "--model", "var-tiny", "--policies", "dense", "--top-k", "-1"], "--top-k must be an integer >= 0"),
+    (["calibrate", "--model", "var-tiny", "--out", "p.yaml", "--cfg", "-1"], "--cfg must be a finite number"),
+    (["calibrate", "--model", "var-tiny", "--out", "p.yaml", "--top-k", "x"], "invalid int value"),
+    (["bench", "--model", "cli_sampling_factory:make", "--policies", "dense", "--cfg", "2"], "apply to zoo models"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["bench", "--model", "var-tiny", "--policies", "dense", "--device", "cuda"], "CUDA is not available"))
@@ -75,6 +80,7 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize(("argv", "message"), BAD, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD])
 def test_bad_arguments_are_one_line_errors_with_exit_code_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "cli_sampling_factory.py").write_text("def make():\n    raise AssertionError('not built')\n")
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -149,15 +155,88 @@ def test_a_user_factory_is_a_model(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# sampling flags: --cfg / --top-p / --top-k reach the sampler
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sampling_defaults_come_from_the_checkpoint_else_the_tool():
+    from toprovar_fx.tools.calibrate import recorded_sampling, sampling_for
+
+    assert recorded_sampling("var-ref") == {"cfg": 2.0, "top_p": 0.9, "top_k": 0}  # config.json training.sampling
+    assert recorded_sampling("var-tiny") is None
+    ref = sampling_for(load_model("var-ref", device="meta"))  # meta: no weights loaded, so no record used
+    assert (ref["cfg"], ref["top_p"], ref["top_k"]) == (1.5, 0.0, 0) and ref["source"] == "the tool's default"
+    tiny = load_model("var-tiny")
+    assert sampling_for(tiny) == {"cfg": 1.5, "top_p": 0.0, "top_k": 0, "source": "the tool's default"}
+    part = sampling_for(tiny, top_k=7)
+    assert part["top_k"] == 7 and part["cfg"] == 1.5 and part["source"].startswith("top-k given")
+    assert sampling_for(load_model("infinity-tiny"))["cfg"] == 3.0  # Infinity's cfg_list
+
+
+def _recording_sampler(monkeypatch):
+    """VARStyle.autoregressive_infer_cfg wrapped to record the keywords of every eager call."""
+    from toprovar_fx.zoo.var import VARStyle
+
+    calls: list[dict] = []
+    original = VARStyle.autoregressive_infer_cfg
+
+    def recording(self, *args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("cfg", "top_k", "top_p")})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VARStyle, "autoregressive_infer_cfg", recording)
+    return calls
+
+
+def test_var_ref_default_sampling_reaches_the_sampler(monkeypatch):
+    from toprovar_fx.tools.calibrate import apply_sampling
+
+    calls = _recording_sampler(monkeypatch)
+    adapter = load_model("var-ref")
+    st = apply_sampling(adapter)
+    assert (st["cfg"], st["top_p"], st["top_k"]) == (2.0, 0.9, 0) and st["source"] == "the checkpoint's training.sampling"
+    adapter.generate(adapter.sampler, adapter.prepare([3]), 0)
+    assert calls == [{"cfg": 2.0, "top_k": 0, "top_p": 0.9}]
+
+
+def test_bench_sampling_flags_reach_the_sampler_and_change_the_images(tmp_path, monkeypatch, capsys):
+    calls = _recording_sampler(monkeypatch)
+    common = ["bench", "--model", "var-tiny", "--policies", "dense", "--runs", "1", "--warmup", "0", "--no-kv-probe"]
+    assert run([*common, "--out", str(tmp_path / "default")]) == 0
+    assert calls and all(c == {"cfg": 1.5, "top_k": 0, "top_p": 0.0} for c in calls)  # the tool's default
+    calls.clear()
+    assert run([*common, "--cfg", "3", "--top-k", "1", "--top-p", "0.5", "--out", str(tmp_path / "flags")]) == 0
+    assert calls and all(c == {"cfg": 3.0, "top_k": 1, "top_p": 0.5} for c in calls)
+    assert "sampling: cfg 3, top-p 0.5, top-k 1 (given)" in capsys.readouterr().out
+    d0 = json.loads((tmp_path / "default" / "bench.json").read_text())
+    d1 = json.loads((tmp_path / "flags" / "bench.json").read_text())
+    assert d0["settings"]["sampling"]["source"] == "the tool's default"
+    assert d1["settings"]["sampling"] == {"cfg": 3.0, "top_p": 0.5, "top_k": 1, "source": "given"}
+
+    # and the flags change what is generated: greedy (top-k 1) vs the default sampler, same seed
+    from toprovar_fx.tools.calibrate import apply_sampling
+
+    monkeypatch.undo()
+    adapter = load_model("var-tiny")
+    prepared = adapter.prepare([3])
+    default = adapter.generate(adapter.sampler, prepared, 0)
+    apply_sampling(adapter, top_k=1)
+    greedy = [adapter.generate(adapter.sampler, prepared, s) for s in (0, 1)]
+    assert torch.equal(greedy[0].images, greedy[1].images)  # top-k 1: the seed no longer matters
+    assert not torch.equal(default.images, greedy[0].images)
+
+
+# ------------------------------------------------------------------------------------------------
 # commands that generate (each compiles the tiny sampler once)
 # ------------------------------------------------------------------------------------------------
 
 
 def test_calibrate_var_tiny_writes_a_valid_policy_then_plan_uses_it(tmp_path, capsys):
     out = tmp_path / "cal" / "var-tiny-cal.yaml"
-    assert run(["calibrate", "--model", "var-tiny", "--classes", "2", "--out", str(out)]) == 0
+    assert run(["calibrate", "--model", "var-tiny", "--classes", "2", "--out", str(out), "--top-p", "0.9"]) == 0
     printed = capsys.readouterr().out
     assert "tau" in printed and f"wrote {out}" in printed
+    assert "sampling: cfg 1.5, top-p 0.9, top-k 0 (top-p given, the rest the tool's default)" in printed
     pol = load_policy(out)  # validates
     assert pol.name == "var-tiny-calibrated" and pol.layer.mode == "frozen"
     assert sorted(pol.layer.frozen["global"] + pol.layer.frozen["detail"]) == [0, 1, 2, 3]
@@ -166,6 +245,9 @@ def test_calibrate_var_tiny_writes_a_valid_policy_then_plan_uses_it(tmp_path, ca
     cal_path = tmp_path / "cal" / "var-tiny-cal.calibration.json"
     cal = json.loads(cal_path.read_text())
     assert len(cal["rho"]) == 2 and len(cal["rho"][0]) == 10
+    assert cal["sampling"] == {"cfg": 1.5, "top_p": 0.9, "top_k": 0,
+                               "source": "top-p given, the rest the tool's default"}
+    assert "# Sampling: cfg 1.5, top-p 0.9, top-k 0" in text
     assert len(cal["layer_ratio_median"]) == 4 and all(r >= 1.0 for r in cal["layer_ratio_median"])
     assert cal["tau"] == pol.scale.tau and 0.0 <= cal["tau"] <= 1.0
     assert cal["layer_class"] == ["detail" if i in pol.layer.frozen["detail"] else "global" for i in range(4)]

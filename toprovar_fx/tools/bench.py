@@ -13,6 +13,9 @@ Protocol (every number in the output says what it is):
 * Timer: ``time.perf_counter`` on CPU; on CUDA ``torch.cuda.Event`` pairs around the call,
   with ``torch.cuda.synchronize()`` after it. What one call includes is the model adapter's
   ``timing_scope`` (text encoding is done before timing).
+* Sampling: a zoo model samples with the settings its checkpoint records, else the tool's
+  defaults, each overridable (``cfg`` / ``top_p`` / ``top_k``; ``calibrate.sampling_for``); every
+  variant, dense included, samples the same way.
 * Fidelity of the last timed call against dense's (same seed, same conditions): SSIM and PSNR
   of the decoded images, token agreement (arg-max of the guided logits) per scale.
 * FLOP ratio: the backend's executed/dense accounting of the last timed call (1 for dense).
@@ -40,6 +43,7 @@ import torch
 
 from toprovar_fx.policies import Policy, PolicyError
 
+from .calibrate import apply_sampling, check_sampling, describe_sampling
 from .models import ModelAdapter, ToolError, load_model, load_policy_arg
 from .progress import progress
 
@@ -218,7 +222,7 @@ class BenchResult:
             f"* timed: {st['timing_scope']}",
             f"* timer: {st['timer']}; {st['runs']} timed runs after {st['warmup']} warm-up, variants interleaved; "
             "first call (compile + one generation) reported separately",
-            f"* condition {st['condition']!r}, seed {st['seed']}",
+            f"* condition {st['condition']!r}, seed {st['seed']}; sampling: {describe_sampling(st.get('sampling'))}",
             "",
             "| variant | batch | median ms | min ms | speedup | img/s | FLOP ratio | SSIM | PSNR dB | "
             "token agr. (last scale) | peak mem MiB | K/V cache MiB | first call s |",
@@ -266,20 +270,30 @@ def bench_policies(
     out: str | Path | None = None,
     kv_probe: bool = True,
     dynamic: bool | None = None,
+    cfg: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     show_progress: bool = False,
 ) -> BenchResult:
-    """Benchmark ``variants`` on ``model`` (module docstring); with ``out`` write bench.md and bench.json."""
+    """Benchmark ``variants`` on ``model`` (module docstring); with ``out`` write bench.md and bench.json.
+
+    ``cfg`` / ``top_p`` / ``top_k``: sampling overrides (``None``: the checkpoint's recorded settings,
+    else the tool's defaults); a :class:`ModelAdapter` passed in keeps its own ``run`` unless one is
+    given."""
     if runs < 1:
         raise ToolError("--runs must be >= 1")
     if warmup < 0:
         raise ToolError("--warmup must be >= 0")
     if not batches or any(int(b) < 1 for b in batches):
         raise ToolError("--batch sizes must be >= 1")
+    check_sampling(cfg, top_p, top_k)
     vs = parse_variants(variants) if not (variants and isinstance(list(variants)[0], Variant)) else list(variants)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ToolError("--device cuda: CUDA is not available")
     adapter = load_model(model, device=dev, dtype=dtype, seed=seed)
+    if not (isinstance(model, ModelAdapter) and cfg is None and top_p is None and top_k is None):
+        apply_sampling(adapter, cfg=cfg, top_p=top_p, top_k=top_k)
     adapter.set_schedule(resolution)
     timer = _Timer(dev)
     fp = adapter.fingerprint or {}
@@ -432,6 +446,7 @@ def _bench(adapter: ModelAdapter, vs: list[Variant], res: BenchResult, kv_probe:
                       "one cold generation",
         "pretrained": bool(adapter.extra.get("pretrained", False)),
         "dynamic": dynamic,
+        "sampling": adapter.extra.get("sampling"),
     }
     if not res.settings["pretrained"] and adapter.family != "custom":
         res.notes.append("random weights: attention is near-uniform, so entropy-driven decisions mean little "

@@ -21,6 +21,12 @@ Choices (documented in the written YAML):
 
 Everything else comes from the base policy (default: the shipped policy of a zoo model, or the
 schema defaults for the model's fingerprint and schedules).
+
+Sampling (``--cfg``, ``--top-p``, ``--top-k``; shared with ``toprovar bench``): a zoo model is
+sampled with the settings its shipped checkpoint records (``config.json`` ``training.sampling``;
+var-ref: cfg 2.0, top-p 0.9), else with the tool's defaults (VAR / HART: cfg 1.5, Infinity:
+``cfg_list`` 3.0; no top-k / top-p); each flag overrides one value. A ``module:factory`` model
+samples as its ``sampler_call`` does, so the flags are refused for it.
 """
 
 from __future__ import annotations
@@ -41,9 +47,118 @@ from .models import ModelAdapter, ToolError, load_model
 from .plan import gate_keep_count, hhat_quantiles, start_scale_for
 from .progress import progress
 
-__all__ = ["CalibrationResult", "calibrate_policy", "base_policy_for", "PAPER_TAU"]
+__all__ = [
+    "PAPER_TAU",
+    "TOOL_SAMPLING",
+    "CalibrationResult",
+    "apply_sampling",
+    "base_policy_for",
+    "calibrate_policy",
+    "check_sampling",
+    "describe_sampling",
+    "recorded_sampling",
+    "sampling_for",
+]
 
 PAPER_TAU = 0.4  # ToProVAR appendix A.2: generations within SSIM 0.8 of dense cluster at rho_s ~ 0.4
+
+# What the zoo adapters (tools/models.py) pass when neither the checkpoint nor a flag says otherwise.
+TOOL_SAMPLING: dict[str, dict[str, float | int]] = {
+    "var": {"cfg": 1.5, "top_p": 0.0, "top_k": 0},
+    "hart": {"cfg": 1.5, "top_p": 0.0, "top_k": 0},
+    "infinity": {"cfg": 3.0, "top_p": 0.0, "top_k": 0},  # cfg is Infinity's cfg_list
+}
+SAMPLING_FLAGS = "--cfg / --top-p / --top-k"
+
+
+def check_sampling(cfg: float | None = None, top_p: float | None = None, top_k: int | None = None) -> None:
+    """Range checks of the sampling flags (``None`` = not given); raises :class:`ToolError`."""
+    if cfg is not None and not (math.isfinite(cfg) and cfg >= 0.0):
+        raise ToolError(f"--cfg must be a finite number >= 0, got {cfg}")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ToolError(f"--top-p must be in [0, 1] (0 = off), got {top_p}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 0):
+        raise ToolError(f"--top-k must be an integer >= 0 (0 = off), got {top_k}")
+
+
+def recorded_sampling(name: str) -> dict[str, float | int] | None:
+    """``training.sampling`` (cfg, top_p, top_k) of zoo model ``name``'s shipped checkpoint, or None."""
+    from toprovar_fx import zoo
+    from toprovar_fx.zoo import registry
+    from toprovar_fx.zoo.ref_model import read_reference_config
+
+    if name not in zoo.list_models():
+        return None
+    ckpt = registry._spec(name).pretrained_checkpoint  # the registry's own record of the shipped files
+    if ckpt is None or not Path(ckpt).is_dir():
+        return None
+    try:
+        rec = read_reference_config(ckpt).get("training", {}).get("sampling")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or "cfg" not in rec:
+        return None
+    return {"cfg": float(rec["cfg"]), "top_p": float(rec.get("top_p") or 0.0), "top_k": int(rec.get("top_k") or 0)}
+
+
+def _is_zoo(adapter: ModelAdapter) -> bool:
+    from toprovar_fx import zoo
+
+    return adapter.family in TOOL_SAMPLING and adapter.name in zoo.list_models()
+
+
+def sampling_for(adapter: ModelAdapter, *, cfg: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None) -> dict[str, Any] | None:
+    """The sampling settings a zoo adapter will use: the checkpoint's record (when its trained weights
+    are loaded), else the tool's defaults, each overridden by a given flag; ``source`` says which.
+    ``None`` for a ``module:factory`` model (its ``sampler_call`` decides); flags are refused for it."""
+    check_sampling(cfg, top_p, top_k)
+    given = {k: v for k, v in (("cfg", cfg), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    if not _is_zoo(adapter):
+        if given:
+            raise ToolError(f"{SAMPLING_FLAGS} apply to zoo models; {adapter.name!r} samples as its "
+                            "factory's sampler_call does (set cfg / top_p / top_k there)")
+        return None
+    rec = recorded_sampling(adapter.name) if adapter.extra.get("pretrained") else None
+    base = rec if rec is not None else TOOL_SAMPLING[adapter.family]
+    where = "the checkpoint's training.sampling" if rec is not None else "the tool's default"
+    out: dict[str, Any] = {**base, **given}
+    out["cfg"], out["top_p"], out["top_k"] = float(out["cfg"]), float(out["top_p"]), int(out["top_k"])
+    if not given:
+        out["source"] = where
+    elif len(given) == 3:
+        out["source"] = "given"
+    else:
+        out["source"] = f"{', '.join(k.replace('_', '-') for k in given)} given, the rest {where}"
+    return out
+
+
+def apply_sampling(adapter: ModelAdapter, *, cfg: float | None = None, top_p: float | None = None,
+                   top_k: int | None = None) -> dict[str, Any] | None:
+    """Make a zoo adapter sample with :func:`sampling_for`'s settings (replaces ``adapter.run``) and
+    record them in ``adapter.extra["sampling"]``; returns them (``None``: a factory model, unchanged)."""
+    st = sampling_for(adapter, cfg=cfg, top_p=top_p, top_k=top_k)
+    if st is None:
+        return None
+    g, p, k = st["cfg"], st["top_p"], st["top_k"]
+    if adapter.family == "infinity":
+        def run(fn: Any, cond: Any, seed_: int) -> Any:
+            return fn(cond, B=len(cond[1]), scale_schedule=adapter.schedule, g_seed=seed_, cfg_list=g, top_k=k,
+                      top_p=p, return_logits=True)
+    else:
+        def run(fn: Any, labels: torch.Tensor, seed_: int) -> Any:
+            return fn(B=int(labels.shape[0]), label_B=labels, g_seed=seed_, cfg=g, top_k=k, top_p=p,
+                      return_logits=True)
+    adapter.run = run
+    adapter.extra["sampling"] = dict(st)
+    return st
+
+
+def describe_sampling(st: dict[str, Any] | None) -> str:
+    """One line: ``cfg 2, top-p 0.9, top-k 0 (where the values come from)``."""
+    if st is None:
+        return "as the adapter's run (a factory's sampler_call) does; not recorded"
+    return f"cfg {st['cfg']:g}, top-p {st['top_p']:g}, top-k {st['top_k']} ({st['source']})"
 
 
 @dataclass
@@ -124,12 +239,17 @@ def calibrate_policy(
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    cfg: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     show_progress: bool = False,
 ) -> CalibrationResult:
     """Run the calibration (module docstring) and return the calibrated policy.
 
     With ``out`` (a ``.yaml`` path) also writes the commented policy there and the measurements to
-    ``<out stem>.calibration.json`` (input of ``toprovar plan --calibration``).
+    ``<out stem>.calibration.json`` (input of ``toprovar plan --calibration``). ``cfg`` / ``top_p`` /
+    ``top_k`` override the sampling (module docstring); a :class:`ModelAdapter` passed in keeps its
+    own ``run`` unless one of them is given.
     """
     import toprovar_fx
     from toprovar_fx.runtime.session import last_session
@@ -138,7 +258,12 @@ def calibrate_policy(
         raise ToolError(f"--tau must be in [0, 1], got {tau}")
     if out is not None and not str(out).endswith((".yaml", ".yml")):
         raise ToolError(f"--out must end with .yaml or .yml, got {str(out)!r}")
+    check_sampling(cfg, top_p, top_k)
     adapter = load_model(model, device=device, dtype=dtype, seed=seed)
+    if isinstance(model, ModelAdapter) and cfg is None and top_p is None and top_k is None:
+        sampling = adapter.extra.get("sampling")  # the caller's adapter samples as it was set up
+    else:
+        sampling = apply_sampling(adapter, cfg=cfg, top_p=top_p, top_k=top_k)
     base_pol = base_policy_for(adapter, base)
     adapter.set_schedule(resolution)
     schedule = adapter.schedule
@@ -240,6 +365,7 @@ def calibrate_policy(
         "schedule": schedule,
         "hw": [list(x) for x in res.hw],
         "items": [{"condition": c, "seed": seed + i} for i, c in enumerate(items)],
+        "sampling": sampling,
         "measure_layer": measure,
         "representative_scale": rep_scale,
         "candidate_start_scales": [res.min_start, res.max_start],
@@ -309,6 +435,7 @@ def _commented_yaml(policy: Policy, data: dict[str, Any], adapter: ModelAdapter)
         f"# Calibrated ToProVAR policy for {adapter.name}, written by `toprovar calibrate`.",
         f"# {n_items} calibration {'class labels' if adapter.conditioning == 'class' else 'prompts'}, "
         f"schedule {data['schedule']}, measured dense (observe mode).",
+        f"# Sampling: {describe_sampling(data.get('sampling'))}.",
         f"# Base policy: {data['base_policy']}; fields not mentioned below are its values.",
         "# Measurements: the .calibration.json next to this file (input of `toprovar plan --calibration`).",
         "# Field reference: docs/policies.md; the calibration rules: docs/cli.md.",
