@@ -138,7 +138,7 @@ def stage_policy(base: str, stage: str) -> dict[str, Any]:
     if stage == "scale":
         d["description"] = f"{base}: scale stage only (skip every scale after D)"
         d["scale"] = {**d["scale"], "mode": "skip_after_D"}
-        d["layer"] = {**d["layer"], "mode": "off", "actions": {"global": "keep", "detail": "keep"}}
+        d["layer"] = {**d["layer"], "mode": "off", "frozen": None, "actions": {"global": "keep", "detail": "keep"}}
     elif stage == "scale_layer":
         d["description"] = f"{base}: scale + layer stages (Detail layers skipped whole from D)"
         d["layer"] = {**d["layer"], "actions": {"global": "keep", "detail": "skip"}}

@@ -122,6 +122,10 @@ def test_stage_policies(e2e: ModuleType) -> None:
     assert layer.layer.mode == base.layer.mode and layer.scale == base.scale
     with pytest.raises(ValueError, match="stage"):
         e2e.stage_policy("infinity-2b", "token")
+    # the frozen operating point's stages are valid policies too (its layer.frozen must go with mode off)
+    frozen = Policy.from_dict(e2e.stage_policy("infinity-2b-frozen", "scale"))
+    assert frozen.layer.mode == "off" and frozen.scale.criterion == "fixed"
+    assert Policy.from_dict(e2e.stage_policy("infinity-2b-frozen", "scale_layer")).layer.mode == "frozen"
 
 
 def test_scale_marks_once_per_scale_and_restored(e2e: ModuleType) -> None:
