@@ -7,10 +7,7 @@ GPU-only parts of the trace summary (launches, kernel busy time) are checked on 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -20,18 +17,13 @@ import torch
 from toprovar_fx import zoo
 from toprovar_fx.policies import Policy, load_policy
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "e2e.py"
+from .scripts import load_benchmark
+
 VARIANTS = ["eager", "observe", "toprovar"]
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("toprovar_benchmarks_e2e", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("e2e")
 
 
 @pytest.fixture(scope="module")

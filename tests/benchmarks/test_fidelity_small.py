@@ -7,7 +7,6 @@ fidelity by more than a noise margin.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -20,18 +19,15 @@ import torch
 
 from toprovar_fx.policies import load_policy
 
+from .scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "fidelity.py"
 NOISE = 0.05  # SSIM margin: 3 samples, each image's SSIM varies by ~0.1 between budgets
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("toprovar_benchmarks_fidelity", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fidelity")
 
 
 @pytest.fixture(scope="module")
