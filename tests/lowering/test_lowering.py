@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.fx as fx
@@ -112,3 +114,101 @@ def test_switching_to_the_dense_variant_changes_nothing(monkeypatch, name, prese
     assert rest_a == rest_b
     assert rest_a[0] is not None and rest_a[1] < 1.0  # the policy did prune
     assert max_rel_diff(a, b) <= 1e-5
+
+
+class _FakeGraphAPI:
+    """A stand-in for ``torch.cuda``'s graph API: "capture" records what to recompute, replay redoes it.
+
+    Like a real capture, the function's outputs are left holding stale values after capture
+    (they are filled with NaN), so a test passes only if ``CudaGraphCache`` replays before it
+    reads them, copies new inputs into the graph's buffers, and clones the outputs out.
+    """
+
+    class CUDAGraph:
+        def __init__(self) -> None:
+            self.work = None
+
+        def replay(self) -> None:
+            self.work()
+
+    class Stream:
+        def wait_stream(self, other) -> None:
+            pass
+
+    capturing: list = []
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.captures = 0
+
+    def current_stream(self):
+        return self.Stream()
+
+    def stream(self, s):
+        return contextlib.nullcontext()
+
+    def is_current_stream_capturing(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def graph(self, g):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        _FakeGraphAPI.capturing[:] = [g]
+        try:
+            yield
+        finally:
+            _FakeGraphAPI.capturing[:] = []
+
+
+def _recorded(x, w, n):
+    """x @ w + n and a column sum, "recorded" into the graph being captured."""
+    out, col = x @ w + n, x.sum(0)
+    if _FakeGraphAPI.capturing:
+        g = _FakeGraphAPI.capturing[0]
+
+        def work(out=out, col=col):
+            out.copy_(x @ w + n)
+            col.copy_(x.sum(0))
+
+        g.work = work
+        out.fill_(float("nan"))
+        col.fill_(float("nan"))
+    return out, col
+
+
+def test_cuda_graph_cache_copies_in_replays_and_clones_out():
+    api = _FakeGraphAPI()
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu")
+    w1, w2 = torch.randn(4, 3), torch.randn(4, 3)
+    x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+    first = cache(x1, w1, 1)
+    second = cache(x2, w1, 1)  # same shapes and parameters: a replay with the new input copied in
+    assert api.captures == 1 and cache.replays == 2
+    for (out, col), x in ((first, x1), (second, x2)):
+        torch.testing.assert_close(out, x @ w1 + 1)
+        torch.testing.assert_close(col, x.sum(0))
+    assert first[0].data_ptr() != second[0].data_ptr()  # clones: a later replay leaves earlier results alone
+    x2.add_(100.0)  # the graph read its own copy, not the caller's tensor
+    torch.testing.assert_close(second[0], (x2 - 100.0) @ w1 + 1)
+    torch.testing.assert_close(cache(x1, w2, 1)[0], x1 @ w2 + 1)  # another block's parameters: own graph
+    torch.testing.assert_close(cache(x1, w1, 2)[0], x1 @ w1 + 2)  # another plain value: own graph
+    assert api.captures == 3
+    big = torch.randn(600, 4)  # over max_bytes: runs directly, never captured
+    small_cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1024, api=api, device_type="cpu")
+    torch.testing.assert_close(small_cache(big, w1, 0)[0], big @ w1)
+    assert api.captures == 3 and small_cache.replays == 0
+
+
+def test_cuda_graph_cache_falls_back_when_capture_fails(caplog):
+    api = _FakeGraphAPI(fail=True)
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu")
+    x, w = torch.randn(2, 4), torch.randn(4, 3)
+    with caplog.at_level("WARNING", logger="toprovar"):
+        out, _ = cache(x, w, 0)
+        out2, _ = cache(x, w, 0)
+    torch.testing.assert_close(out, x @ w)
+    torch.testing.assert_close(out2, x @ w)
+    assert cache.disabled and cache.replays == 0
+    assert sum("cannot be captured" in r.message for r in caplog.records) == 1

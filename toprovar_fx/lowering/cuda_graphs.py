@@ -89,8 +89,12 @@ class CudaGraphCache:
     """
 
     def __init__(self, fn: Callable, static: Sequence[bool], max_bytes: int, name: str = "graph",
-                 max_graphs: int = 4096):
+                 max_graphs: int = 4096, api: Any = None, device_type: str = "cuda"):
         self.fn = fn
+        # the CUDA graph API and the device it captures on; tests pass a stand-in to check the
+        # data flow (copies in, replay, clones out) on machines without a GPU
+        self.api = torch.cuda if api is None else api
+        self.device_type = device_type
         self.n_args = len(static)
         self.static_idx = [i for i, s in enumerate(static) if s]
         self.dynamic_idx = [i for i, s in enumerate(static) if not s]
@@ -104,7 +108,10 @@ class CudaGraphCache:
     def __call__(self, *args: Any) -> Any:
         if self.disabled is None and len(args) == self.n_args:
             key = self._key(args)
-            entry = self.graphs.get(key, _UNSEEN)
+            try:
+                entry = self.graphs.get(key, _UNSEEN)
+            except TypeError:  # an argument that is neither a tensor nor a plain value: never captured
+                return self.fn(*args)
             if entry is _UNSEEN:
                 entry = self._first_sight(key, args)
             if entry is not None:
@@ -123,12 +130,8 @@ class CudaGraphCache:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         copied = sum(args[i].numel() * args[i].element_size() for i in self.dynamic_idx
                      if isinstance(args[i], torch.Tensor))
-        fits = (all(t.device.type == "cuda" for t in tensors) and copied <= self.max_bytes
-                and len(self.graphs) < self.max_graphs and not torch.cuda.is_current_stream_capturing())
-        try:
-            hash(key)
-        except TypeError:  # an argument that is neither a tensor nor a plain value: never capture
-            return None
+        fits = (all(t.device.type == self.device_type for t in tensors) and copied <= self.max_bytes
+                and len(self.graphs) < self.max_graphs and not self.api.is_current_stream_capturing())
         entry = self._capture(args) if fits else None
         if self.disabled is None:
             self.graphs[key] = entry
@@ -143,13 +146,14 @@ class CudaGraphCache:
             inputs[i].copy_(a)
         try:
             # warm-up on a side stream (lazy initialisation, autotuning), as CUDA graphs require
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            api = self.api
+            side = api.Stream()
+            side.wait_stream(api.current_stream())
+            with api.stream(side):
                 self.fn(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            api.current_stream().wait_stream(side)
+            graph = api.CUDAGraph()
+            with api.graph(graph):
                 outputs = self.fn(*inputs)
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self.disabled = f"{type(err).__name__}: {err}"
