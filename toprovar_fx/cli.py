@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference (no fidelity, no pair.png)")
     p.add_argument("--dynamic", action="store_true",
                    help="torch.compile(dynamic=True): needed by cfg.reuse_cond_from (SkipVAR)")
+    _sampling(p)
     p.set_defaults(handler=_inspect, _parser=p)
 
     p = sub.add_parser("bench", help="latency, speedup, FLOPs, fidelity and memory vs dense (Markdown + JSON)",
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo.png",
                    help="side-by-side PNG; the pruned-token overlay goes next to it as *_overlay.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _sampling(p)
     p.set_defaults(handler=_demo, _parser=p)
     return parser
 
@@ -186,7 +188,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise ToolError(f"unsupported device {dev!r}; expected cpu, cuda or cuda:N")
     if args.command != "demo":
         check_model_spec(args.model)
-    if args.command in ("calibrate", "bench"):
+    if args.command in ("calibrate", "bench", "inspect", "demo"):
         from toprovar_fx import zoo
         from toprovar_fx.tools.calibrate import SAMPLING_FLAGS, check_sampling
 
@@ -297,7 +299,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     r = inspect_policy(args.model, args.policy_obj, args.out, condition=parse_condition(args.condition),
                        seed=args.seed, resolution=args.resolution, device=args.device, dtype=args.torch_dtype,
-                       dense=not args.no_dense, dynamic=args.dynamic or None, show_progress=not args.quiet)
+                       dense=not args.no_dense, dynamic=args.dynamic or None, show_progress=not args.quiet,
+                       cfg=args.cfg, top_p=args.top_p, top_k=args.top_k)
     rep = r.report
     d = rep["start_scale"]
     line = (f"{rep['model']} with {rep['policy']}: executed/dense FLOPs {rep['flop_ratio']:.3f}, "
@@ -333,12 +336,14 @@ def _demo(args: argparse.Namespace) -> int:
     from toprovar_fx.metrics import psnr, ssim, token_agreement
     from toprovar_fx.runtime.session import last_session
     from toprovar_fx.tools.bench import _Timer
+    from toprovar_fx.tools.calibrate import apply_sampling, describe_sampling
     from toprovar_fx.tools.inspect import overlay_panels
     from toprovar_fx.tools.models import load_model
     from toprovar_fx.tools.progress import progress
 
     torch.manual_seed(0)
     adapter = load_model(args.model, device=args.device, seed=0)
+    sampling = apply_sampling(adapter, cfg=args.cfg, top_p=args.top_p, top_k=args.top_k)
     labels = adapter.prepare([args.label])
     timer = _Timer(torch.device(args.device))
 
@@ -366,6 +371,7 @@ def _demo(args: argparse.Namespace) -> int:
     weights = "trained checkpoint" if adapter.extra.get("pretrained") else "random weights"
     print(f"model {args.model} ({weights}), policy {args.policy}, batch 1 (CFG: transformer batch {rep.rows}), "
           f"torch {torch.__version__}, {where}")
+    print(f"sampling: {describe_sampling(sampling)}")
     print(f"dense eager   median {1e3 * med_d:8.1f} ms over {args.runs} runs")
     print(f"toprovar      median {1e3 * med_f:8.1f} ms  (first call incl. compile {compile_s:.1f} s)")
     print(f"speedup {med_d / med_f:.2f}x   executed/dense FLOPs {rep.flop_ratio:.3f}   "

@@ -275,13 +275,16 @@ def test_calibrate_infinity_tiny_from_a_prompts_file(tmp_path):
 
 def test_inspect_writes_pictures_page_and_report(tmp_path, capsys):
     out = tmp_path / "inspect"
-    assert run(["inspect", "--model", "var-tiny", "--policy", "var-tiny-fastvar-released", "--out", str(out)]) == 0
+    assert run(["inspect", "--model", "var-tiny", "--policy", "var-tiny-fastvar-released", "--out", str(out),
+                "--top-p", "0.9"]) == 0
     assert "executed/dense FLOPs" in capsys.readouterr().out
     for name in ("overlay", "entropy_layers", "rho", "r_scores", "flops", "pair"):
         w, h = png_size(out / f"{name}.png")
         assert w >= PNG_MIN and h >= PNG_MIN, name
     report = json.loads((out / "report.json").read_text())
     assert report["policy"] == "var-tiny-fastvar-released" and report["fallbacks"] == []
+    assert report["sampling"] == {"cfg": 1.5, "top_p": 0.9, "top_k": 0,
+                                  "source": "top-p given, the rest the tool's default"}
     assert [s["skipped"] for s in report["scales"]][-2:] == [True, True]
     # the dry run predicts exactly what this fixed policy executed
     plan = make_plan("var-tiny", load_policy("var-tiny-fastvar-released"))
@@ -326,6 +329,8 @@ def test_demo_writes_side_by_side_and_overlay(tmp_path, capsys):
     assert run(["demo", "--runs", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "fidelity vs dense" in printed
+    # var-ref samples as it was trained to (its checkpoint's recorded cfg 2.0 / top-p 0.9)
+    assert "sampling: cfg 2, top-p 0.9, top-k 0 (the checkpoint's training.sampling)" in printed
     assert png_size(out) == (512, 256)
     w, h = png_size(tmp_path / "demo_overlay.png")
     assert w >= PNG_MIN and h >= PNG_MIN

@@ -27,6 +27,7 @@ import torch
 
 from toprovar_fx.policies import Policy, load_policy
 
+from .calibrate import apply_sampling, check_sampling
 from .models import ModelAdapter, load_model
 from .progress import progress
 
@@ -96,8 +97,14 @@ def inspect_policy(
     dense: bool = True,
     dynamic: bool | None = None,
     show_progress: bool = False,
+    cfg: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
 ) -> InspectResult:
-    """Generate once with ``policy`` and write the pictures and page listed in the module docstring."""
+    """Generate once with ``policy`` and write the pictures and page listed in the module docstring.
+
+    ``cfg`` / ``top_p`` / ``top_k``: sampling overrides (``None``: the checkpoint's recorded settings,
+    else the tool's defaults; ``calibrate.sampling_for``)."""
     import toprovar_fx
     from toprovar_fx.metrics import psnr, ssim, token_agreement
     from toprovar_fx.runtime.session import last_session
@@ -105,8 +112,10 @@ def inspect_policy(
     from . import pictures
 
     pol = load_policy(policy, preset=preset) if not isinstance(policy, Policy) else policy
+    check_sampling(cfg, top_p, top_k)
     adapter = load_model(model, device=device, dtype=dtype, seed=seed)
     adapter.set_schedule(resolution)
+    apply_sampling(adapter, cfg=cfg, top_p=top_p, top_k=top_k)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = adapter.prepare(adapter.conditions(condition, 1))
@@ -186,7 +195,7 @@ def inspect_policy(
         result.report = {**rep.to_dict(), "flop_ratio": rep.flop_ratio, "fidelity": result.fidelity,
                          "model": adapter.name, "policy_source": pol.source, "preset": pol.preset,
                          "schedule": adapter.schedule, "condition": adapter.conditions(condition, 1)[0],
-                         "seed": seed}
+                         "seed": seed, "sampling": adapter.extra.get("sampling")}
         (out / "report.json").write_text(json.dumps(result.report, indent=1, default=str), encoding="utf-8")
         files["report"] = out / "report.json"
         files["index"] = _write_index(out, title, rep, result, files, pol)
