@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, help="policy name or YAML path (default: the model's own policy)")
     p.add_argument("--runs", type=_positive("--runs"), default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", type=int, default=3)
+    p.add_argument("--label", type=int, default=0,
+                   help="class id (var-ref: 0 = the letter W, the paper's example of a simple image; 3 = a text page)")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
     p.add_argument("--out", default="out/demo.png",
                    help="side-by-side PNG; the pruned-token overlay goes next to it as *_overlay.png")
