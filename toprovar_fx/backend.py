@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .lowering.cuda_graphs import CudaGraphCache, mutates_inputs
-from .lowering.runners import GraphRunner, ScaleSwitchRunner
+from .lowering.runners import GraphRunner, PlannedBlockRunner, ScaleSwitchRunner
 from .passes.context import PassContext
 from .passes.graph_utils import is_static_input
 from .passes.pipeline import run_passes
@@ -154,7 +154,29 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
     dense = _runner(session, _lower_whole(dense_work, example_inputs, session, graph_id), dense_ctx,
                     dense_variant=True)
     self_sites = sum(session.sites[sid].kind != "cross" for sid in dense_ctx.registered_site_ids)
-    return ScaleSwitchRunner(session, dense, pruned, self_sites)
+    planned = _planned_runner(work, ctx, session, graph_id, example_inputs) if self_sites == 1 else None
+    return ScaleSwitchRunner(session, dense, pruned, self_sites, planned)
+
+
+def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, graph_id: int,
+                    example_inputs: list[Any]) -> PlannedBlockRunner | None:
+    """``PlannedBlockRunner`` for a one-block dispatcher graph (option ``planned_blocks``), if it fits."""
+    settings = session.settings
+    if not settings.planned_blocks or ctx.hoisted or not ctx.spec_ids:
+        return None
+    placeholders = list(work.graph.find_nodes(op="placeholder"))
+    first = next((br for br in ctx.branches if br.prunable), None)
+    if first is None or first.x not in placeholders:
+        return None
+    static = [is_static_input(n) for n in placeholders] + [False]  # + the kept indices
+    max_bytes = int(8 * settings.cuda_graph_max_mib * 2**20)  # K/V copies of large scales included
+    use_graphs = (settings.cuda_graphs if settings.cuda_graphs is not None else True) and _on_cuda(example_inputs)
+
+    def wrap(fn: Callable) -> Callable:
+        return CudaGraphCache(fn, static, max_bytes, name=f"planned block of graph {graph_id}") if use_graphs else fn
+
+    return PlannedBlockRunner(session, work.forward, list(ctx.spec_ids), placeholders.index(first.x),
+                              ctx.n_outputs, ctx.outputs_sequence, wrap)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Session) -> Callable:

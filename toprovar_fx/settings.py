@@ -32,6 +32,9 @@ class Settings:
     cuda_graphs: bool | None = None
     # Largest per-call input size (MiB, copied into the graph's buffers each call) captured.
     cuda_graph_max_mib: float = 64.0
+    # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
+    # CUDA graphs per decision signature (runtime/block_plans.py). Off until measured on a GPU.
+    planned_blocks: bool = False
     # Raise instead of falling back to dense execution.
     strict: bool = False
     # Dynamo's recompile limit is raised to at least this so that every scale of a
@@ -55,6 +58,8 @@ _OPTION_DOCS = {
     "inductor": "bool: hand rewritten graphs to Inductor (default: on for CUDA, off for CPU)",
     "cuda_graphs": "bool: replay small graphs (early scales) from CUDA graphs (default: on for CUDA)",
     "cuda_graph_max_mib": "number > 0: largest per-call input size (MiB) replayed from a CUDA graph",
+    "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
+                      "(experimental, default off)",
     "strict": "bool: raise instead of falling back to dense",
     "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
     "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
@@ -76,7 +81,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         raise ValueError(f"toprovar: option 'mode' must be one of {VALID_MODES}, got {mode!r}")
     if mode == "prune" and options.get("policy") is None:
         raise ValueError("toprovar: option mode='prune' needs option 'policy' (a name, YAML path or dict)")
-    for key in ("inductor", "strict", "cuda_graphs"):
+    for key in ("inductor", "strict", "cuda_graphs", "planned_blocks"):
         val = options.get(key)
         if val is not None and not isinstance(val, bool):
             raise ValueError(f"toprovar: option {key!r} must be a bool, got {val!r}")
@@ -103,6 +108,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         inductor=options.get("inductor"),
         cuda_graphs=options.get("cuda_graphs"),
         cuda_graph_max_mib=float(max_mib),
+        planned_blocks=bool(options.get("planned_blocks", False)),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,
         schedules=schedules,

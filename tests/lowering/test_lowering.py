@@ -213,3 +213,90 @@ def test_cuda_graph_cache_falls_back_when_capture_fails(caplog):
     torch.testing.assert_close(out2, x @ w)
     assert cache.disabled and cache.replays == 0
     assert sum("cannot be captured" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("name,preset", [("var-tiny", None), ("infinity-tiny", None), ("var-tiny", "quality")])
+def test_planned_blocks_change_nothing(name, preset):
+    """Pruned blocks run from a plan (option planned_blocks) exactly as through the dispatcher."""
+    m = model(name)
+    call = sampler_call(name, 1)
+    results = {}
+    for planned in (False, True):
+        torch._dynamo.reset()
+        opts = {"policy": name, "planned_blocks": planned} | ({"preset": preset} if preset else {})
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
+        call(fast)
+        _, logits = call(fast)
+        rep = toprovar_fx.last_generation()
+        sess = last_session()
+        runs = sess.planned_calls
+        kept = {key: idx.tolist() for key, idx in sess.gen.kept_idx.items()}
+        results[planned] = (logits, runs, rep.start_scale, rep.flop_ratio,
+                            [[(lay.action, lay.kept_tokens, lay.mean_entropy) for lay in sc.layers] for sc in rep.scales], kept,
+                            sorted(sess.gen.entropy))
+    (a, runs_off, *rest_off), (b, runs_on, *rest_on) = results[False], results[True]
+    assert runs_off == 0 and runs_on > 0  # the planned path ran, and only when asked for
+    assert rest_on == rest_off
+    assert max_rel_diff(b, a) <= 1e-5
+
+
+def _replayable(fn):
+    """``fn`` as a stand-in capture sees it: a replay reruns it on the graph's static inputs and
+    writes into the outputs of the capture run (poisoned with NaN until then)."""
+
+    def wrapped(*args):
+        outs = fn(*args)
+        if _FakeGraphAPI.capturing:
+            g = _FakeGraphAPI.capturing[0]
+            flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+
+            def work(flat=flat):
+                new = fn(*args)
+                for o, v in zip(flat, new if isinstance(new, (tuple, list)) else (new,)):
+                    if isinstance(o, torch.Tensor):
+                        o.copy_(v)
+
+            g.work = work
+            for o in flat:
+                if isinstance(o, torch.Tensor) and o.is_floating_point():
+                    o.fill_(float("nan"))
+        return outs
+
+    return wrapped
+
+
+@pytest.mark.parametrize("name", ["var-tiny", "infinity-tiny"])
+def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name):
+    """Every graph the backend would capture on a GPU (dense variants, planned blocks) is
+    "captured" by the stand-in API and replayed: logits and decisions stay those of the plain path."""
+    import toprovar_fx.backend as backend
+
+    m = model(name)
+    call = sampler_call(name, 1)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": name})
+    call(fast)
+    _, ref = call(fast)
+    ref_rep = toprovar_fx.last_generation()
+
+    api = _FakeGraphAPI()
+    made: list[CudaGraphCache] = []
+
+    def cache(fn, static, max_bytes, name="graph"):
+        made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu"))
+        return made[-1]
+
+    monkeypatch.setattr(backend, "CudaGraphCache", cache)
+    monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": name, "inductor": False, "planned_blocks": True})
+    call(fast)
+    _, got = call(fast)
+    rep = toprovar_fx.last_generation()
+    assert api.captures > 0 and sum(c.replays for c in made) > api.captures  # graphs were replayed
+    assert last_session().planned_calls > 0
+    assert (rep.start_scale, rep.flop_ratio) == (ref_rep.start_scale, ref_rep.flop_ratio)
+    assert [[lay.action for lay in s.layers] for s in rep.scales] == [[lay.action for lay in s.layers]
+                                                                      for s in ref_rep.scales]
+    assert max_rel_diff(got, ref) <= 1e-5

@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch.profiler import record_function
+
+from ..runtime.block_plans import PlanRun, apply_plan_effects, plan_next_block
+
 
 class GraphRunner:
     """Runs one compiled graph, then records the entropy outputs it returned.
@@ -47,13 +52,77 @@ class ScaleSwitchRunner:
     belong to a scale at which the policy skips, prunes, caches or reuses anything.
     """
 
-    def __init__(self, session: Any, dense: GraphRunner, pruned: GraphRunner, self_sites: int):
+    def __init__(self, session: Any, dense: GraphRunner, pruned: GraphRunner, self_sites: int,
+                 planned: PlannedBlockRunner | None = None):
         self.session = session
         self.dense = dense
         self.pruned = pruned
         self.self_sites = self_sites
+        self.planned = planned
 
     def __call__(self, *args: Any) -> Any:
         if self.session.dense_ahead(self.self_sites):
             return self.dense(*args)
+        if self.planned is not None:
+            done, out = self.planned.try_call(args)
+            if done:
+                return out
         return self.pruned(*args)
+
+
+class PlannedBlockRunner:
+    """Prune mode, one-block dispatcher graphs: run a block whose decisions are known as data.
+
+    When ``plan_next_block`` gives the next block's plan, the dispatcher graph runs with the
+    decider in plan mode (no decisions, no side effects) inside ``wrap`` (a ``CudaGraphCache``
+    per plan signature: replayed from a CUDA graph on CUDA, called directly elsewhere), with the
+    kept indices as one more input; the dispatcher's side effects are applied afterwards
+    (``apply_plan_effects``). Preconditions: the graph's stream input is argument ``hidden_arg``,
+    it hoists no entropy of its own (every attention is inside a routed branch), and its routed
+    branches are ``spec_ids`` in graph order.
+    """
+
+    def __init__(self, session: Any, fn: Callable, spec_ids: list[int], hidden_arg: int, n_outputs: int,
+                 sequence: bool, wrap: Callable[[Callable], Callable]):
+        self.session = session
+        self.fn = fn
+        self.spec_ids = spec_ids
+        self.hidden_arg = hidden_arg
+        self.n_outputs = n_outputs
+        self.sequence = sequence
+        self.wrap = wrap
+        self.by_signature: dict[tuple[str, ...], Callable] = {}
+
+    def _planned_fn(self, *args_and_idx: Any) -> tuple[Any, ...]:
+        run = self.session.decider.plan_run
+        run.idx, run.step, run.entropies = args_and_idx[-1], 0, []
+        outs = self.fn(*args_and_idx[:-1])
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        return (*outs, *[e for ents in run.entropies for e in ents])
+
+    def try_call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
+        session = self.session
+        decider = session.decider
+        specs = [session.branches[i] for i in self.spec_ids]
+        plan = plan_next_block(decider, specs)
+        x = args[self.hidden_arg]
+        if (plan is None or not isinstance(x, torch.Tensor) or x.dim() < 2
+                or int(x.shape[0]) != plan.rows or int(x.shape[1]) != plan.tokens):
+            return False, None
+        tick = session.tick(plan.tokens, plan.rows)
+        if (tick.scale, tick.layer) != (plan.scale, plan.layer):
+            raise RuntimeError(f"toprovar: planned block {(plan.scale, plan.layer)} ran as {(tick.scale, tick.layer)}")
+        with record_function("toprovar.select_tokens"):
+            idx = decider._indices(x, plan.k, tick)
+        fn = self.by_signature.get(plan.actions)
+        if fn is None:
+            fn = self.by_signature[plan.actions] = self.wrap(self._planned_fn)
+        decider.plan_run = PlanRun(plan)
+        try:
+            outs = fn(*args, idx)
+        finally:
+            decider.plan_run = None
+        session.planned_calls += 1
+        n = self.n_outputs
+        apply_plan_effects(decider, plan, specs, tuple(outs[n:]), tick, idx)
+        return True, (tuple(outs[:n]) if self.sequence else outs[0])

@@ -54,6 +54,7 @@ class Decider:
         self.row_fraction = 1.0  # 0.5 while only the cond half of a CFG batch runs
         self.disabled: set[Any] = set()  # branches that failed on pruned tokens: dense from then on
         self._needs_entropy = policy.scale.criterion == "rho" or policy.token.selection == "entropy"
+        self.plan_run = None  # a PlanRun while a planned block runs (runtime/block_plans.py)
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
     def start_generation(self, gen: Any) -> None:
@@ -168,6 +169,8 @@ class Decider:
 
     # ----- the dispatcher's entry point -------------------------------------------------------
     def run_branch(self, spec: Any, branch: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        if self.plan_run is not None:
+            return self._run_planned(spec, branch, inputs)
         x = inputs[spec.hidden]
         session = self.session
         if spec.kind == "self_attn":
@@ -246,14 +249,35 @@ class Decider:
             )
             return self._keep(spec, branch, inputs, x, tick)
 
-    def _prune_unchecked(self, spec, branch, inputs, x, tick, idx):
+    @staticmethod
+    def _on_kept(spec, branch, inputs, x, idx):
+        """The branch run on the kept tokens: ``x`` and the position-dependent inputs gathered."""
         gathered = list(inputs)
         gathered[spec.hidden] = gather_tokens(x, idx, 1)
         for i, dim in spec.positional:
             gathered[i] = gather_tokens(inputs[i], idx, dim)
         for i in spec.token_sizes:
             gathered[i] = int(idx.shape[1])
-        outs = branch(*gathered)
+        return branch(*gathered)
+
+    def _run_planned(self, spec, branch, inputs):
+        """A branch of a planned block (``runtime/block_plans.py``): no decisions, no side effects;
+        the entropies are kept for the planned runner, which records them after the call."""
+        run = self.plan_run
+        action = run.plan.actions[run.step]
+        run.step += 1
+        x = inputs[spec.hidden]
+        if action == "keep":
+            outs = branch(*inputs)
+            x_new = x + outs[0]
+        else:
+            outs = self._on_kept(spec, branch, inputs, x, run.idx)
+            x_new = restore_identity(x, run.idx, outs[0])
+        run.entropies.append(tuple(outs[1 + spec.n_escapes:]))
+        return (x_new, *outs[1:1 + spec.n_escapes])
+
+    def _prune_unchecked(self, spec, branch, inputs, x, tick, idx):
+        outs = self._on_kept(spec, branch, inputs, x, idx)
         self._record(spec, outs, tick, full=False)
         self._account(spec, tick, "prune_tokens", int(idx.shape[1]))
         # kept positions for pictures (`toprovar inspect`): the device tensor, no host sync; the

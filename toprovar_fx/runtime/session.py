@@ -99,6 +99,7 @@ class Session:
         # and those after it up to the next one): what the dense variant of a routed graph
         # accounts when it runs the block, exactly as the dispatcher would for kept branches
         self.block_specs: dict[int, list[int]] = {}
+        self.planned_calls = 0  # blocks run from a plan (lowering.runners.PlannedBlockRunner)
         _SESSIONS[self.id] = self
 
     # ----- compile time -------------------------------------------------------------------
