@@ -170,6 +170,9 @@ def model_variants(model_name: str) -> list[Variant]:
         ("toprovar", f"toprovar {main} (scale+layer+token)", "toprovar",
          f"policy `{main}` (all three stages)",
          lambda: {"policy": policy_or_missing(main)}, True),
+        ("toprovar_planned", f"toprovar {main}, planned blocks", "toprovar",
+         f"policy `{main}` with `planned_blocks: True` (pruned blocks replayed from CUDA graphs per plan)",
+         lambda: {"policy": policy_or_missing(main), "planned_blocks": True}, True),
         ("inductor", "dense Inductor", "inductor", "`torch.compile(sampler)` (Inductor defaults)", dict, False),
         ("fastvar", "toprovar FastVAR", "toprovar", f"policy `{fastvar}`",
          lambda: {"policy": policy_or_missing(fastvar)}, True),
@@ -203,7 +206,7 @@ def model_variants(model_name: str) -> list[Variant]:
 
 # display order of the tables (the rotation order of the timed rounds too)
 DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "scale", "scale_layer", "toprovar_nocg",
-                 "toprovar")
+                 "toprovar", "toprovar_planned")
 VARIANT_KEYS = DISPLAY_ORDER
 
 

@@ -56,6 +56,7 @@ def tiny_equivalence(lines: list[str]) -> None:
         # most telling first (a run cut by its time limit keeps the rows done): the default lowering
         # (Inductor, compiled branches, CUDA graphs) against the plain FX path, then the rest
         for opts in ({"policy": name, "inductor": False, "cuda_graphs": False}, {"policy": name},
+                     {"policy": name, "planned_blocks": True},
                      {"mode": "observe"}, {"policy": f"{name}-keepall"},
                      {"policy": f"{name}-fastvar-released", "inductor": False, "cuda_graphs": False},
                      {"policy": f"{name}-fastvar-released"},
