@@ -300,3 +300,31 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     assert [[lay.action for lay in s.layers] for s in rep.scales] == [[lay.action for lay in s.layers]
                                                                       for s in ref_rep.scales]
     assert max_rel_diff(got, ref) <= 1e-5
+
+
+def test_a_failing_planned_block_hands_over_to_the_dispatcher(monkeypatch):
+    """Nothing is ticked or recorded before a planned call succeeds, so the dispatcher can take over."""
+    from toprovar_fx.runtime.decisions import Decider
+
+    m = model("var-tiny")
+    call = sampler_call("var-tiny", 1)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny"})
+    call(fast)
+    _, ref = call(fast)
+    ref_rep = toprovar_fx.last_generation()
+
+    def broken(self, spec, branch, inputs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Decider, "_run_planned", broken)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": "var-tiny", "planned_blocks": True})
+    with pytest.warns(RuntimeWarning, match="a planned block failed"):
+        call(fast)
+    _, got = call(fast)
+    rep = toprovar_fx.last_generation()
+    assert last_session().planned_calls == 0
+    assert (rep.start_scale, rep.flop_ratio) == (ref_rep.start_scale, ref_rep.flop_ratio)
+    assert max_rel_diff(got, ref) <= 1e-5

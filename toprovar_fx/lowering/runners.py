@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -92,6 +93,7 @@ class PlannedBlockRunner:
         self.sequence = sequence
         self.wrap = wrap
         self.by_signature: dict[tuple[str, ...], Callable] = {}
+        self.disabled = False  # a planned call failed: the dispatcher runs every block
 
     def _planned_fn(self, *args_and_idx: Any) -> tuple[Any, ...]:
         run = self.session.decider.plan_run
@@ -103,25 +105,35 @@ class PlannedBlockRunner:
     def try_call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         session = self.session
         decider = session.decider
+        if self.disabled:
+            return False, None
         specs = [session.branches[i] for i in self.spec_ids]
         plan = plan_next_block(decider, specs)
         x = args[self.hidden_arg]
         if (plan is None or not isinstance(x, torch.Tensor) or x.dim() < 2
                 or int(x.shape[0]) != plan.rows or int(x.shape[1]) != plan.tokens):
             return False, None
-        tick = session.tick(plan.tokens, plan.rows)
-        if (tick.scale, tick.layer) != (plan.scale, plan.layer):
-            raise RuntimeError(f"toprovar: planned block {(plan.scale, plan.layer)} ran as {(tick.scale, tick.layer)}")
+        where = SimpleNamespace(scale=plan.scale, layer=plan.layer)  # the tick this block will get
         with record_function("toprovar.select_tokens"):
-            idx = decider._indices(x, plan.k, tick)
+            idx = decider._indices(x, plan.k, where)
         fn = self.by_signature.get(plan.actions)
         if fn is None:
             fn = self.by_signature[plan.actions] = self.wrap(self._planned_fn)
         decider.plan_run = PlanRun(plan)
         try:
             outs = fn(*args, idx)
+        except Exception as err:  # noqa: BLE001 - nothing happened yet: the dispatcher runs the block
+            if session.settings.strict:
+                raise
+            self.disabled = True
+            session.fallback(f"a planned block failed ({type(err).__name__}: {err}); pruned blocks run through "
+                             "the dispatcher from now on")
+            return False, None
         finally:
             decider.plan_run = None
+        tick = session.tick(plan.tokens, plan.rows)
+        if (tick.scale, tick.layer) != (plan.scale, plan.layer):
+            raise RuntimeError(f"toprovar: planned block {(plan.scale, plan.layer)} ran as {(tick.scale, tick.layer)}")
         session.planned_calls += 1
         n = self.n_outputs
         apply_plan_effects(decider, plan, specs, tuple(outs[n:]), tick, idx)
