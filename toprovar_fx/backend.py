@@ -155,7 +155,7 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
                     dense_variant=True)
     self_sites = sum(session.sites[sid].kind != "cross" for sid in dense_ctx.registered_site_ids)
     planned = _planned_runner(work, ctx, session, graph_id, example_inputs) if self_sites == 1 else None
-    return ScaleSwitchRunner(session, dense, pruned, self_sites, planned)
+    return ScaleSwitchRunner(session, dense, pruned, self_sites, list(ctx.spec_ids), planned)
 
 
 def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, graph_id: int,

@@ -328,3 +328,33 @@ def test_a_failing_planned_block_hands_over_to_the_dispatcher(monkeypatch):
     assert last_session().planned_calls == 0
     assert (rep.start_scale, rep.flop_ratio) == (ref_rep.start_scale, ref_rep.flop_ratio)
     assert max_rel_diff(got, ref) <= 1e-5
+
+
+def test_blocks_split_over_graphs_switch_without_changing_anything(monkeypatch):
+    """A block Dynamo splits in two (as the official Infinity's RoPE helper does): the FFN
+    fragment holds no self-attention; its dense stand-in still keeps logits and FLOPs exact."""
+    from toprovar_fx.zoo.var import AdaLNSelfAttnBlock
+
+    def split_forward(self, x, cond_BD):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)
+        x = x + self.attn_branch(x, scale1, shift1, gamma1)
+        torch._dynamo.graph_break()
+        return x + self.ffn_branch(x, scale2, shift2, gamma2)
+
+    monkeypatch.setattr(AdaLNSelfAttnBlock, "forward", split_forward)
+    m = model("var-tiny")
+    call = sampler_call("var-tiny", 1)
+    results = {}
+    for switch in (True, False):
+        torch._dynamo.reset()
+        if not switch:
+            monkeypatch.setattr(Session, "dense_ahead", lambda self, self_sites=1: False)
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny"})
+        call(fast)
+        _, logits = call(fast)
+        rep = toprovar_fx.last_generation()
+        results[switch] = (logits, rep.start_scale, rep.flop_ratio, [[lay.action for lay in s.layers]
+                                                                     for s in rep.scales])
+    (a, *rest_a), (b, *rest_b) = results[True], results[False]
+    assert rest_a[1] < 1.0 and rest_a == rest_b
+    assert max_rel_diff(a, b) <= 1e-5

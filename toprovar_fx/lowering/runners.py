@@ -54,16 +54,22 @@ class ScaleSwitchRunner:
     """
 
     def __init__(self, session: Any, dense: GraphRunner, pruned: GraphRunner, self_sites: int,
-                 planned: PlannedBlockRunner | None = None):
+                 spec_ids: list[int], planned: PlannedBlockRunner | None = None):
         self.session = session
         self.dense = dense
         self.pruned = pruned
         self.self_sites = self_sites
+        self.spec_ids = spec_ids
         self.planned = planned
 
     def __call__(self, *args: Any) -> Any:
         if self.session.dense_ahead(self.self_sites):
-            return self.dense(*args)
+            out = self.dense(*args)
+            if self.self_sites == 0:
+                # part of a block split over graphs: no self-attention here to account its
+                # branches at (Session.block_specs), so they are accounted as kept now
+                self.session.decider.account_kept(self.spec_ids)
+            return out
         if self.planned is not None:
             done, out = self.planned.try_call(args)
             if done:

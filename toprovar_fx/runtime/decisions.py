@@ -304,6 +304,14 @@ class Decider:
                 self.latest_full = ent
             self.session.record_attention(sid, ent, tick)
 
+    def account_kept(self, spec_ids: list[int]) -> None:
+        """Account branches the dense variant ran at the current block, as ``_keep`` would."""
+        tick, gen = self.tick, self.gen
+        if tick is None or gen is None or tick.scale not in gen.tokens:
+            return
+        for spec_id in spec_ids:
+            self._account(self.session.branches[spec_id], tick, "keep", gen.tokens[tick.scale])
+
     def _account(self, spec, tick, action: str, run_tokens: int) -> None:
         """Executed and dense FLOPs of this branch (linear per token + attention vs K/V)."""
         gen = self.gen
