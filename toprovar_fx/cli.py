@@ -28,28 +28,24 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------------
 
 
-def _positive(name: str):
+def _int_at_least(name: str, lowest: int):
+    """argparse type: an integer >= ``lowest``; errors name the flag."""
+
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lowest}, got {v}")
         return v
 
     parse.__name__ = name
     return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--warmup must be an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"--warmup must be >= 0, got {v}")
-    return v
+def _positive(name: str):
+    return _int_at_least(name, 1)
 
 
 def _batches(text: str) -> list[int]:
@@ -132,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", required=True,
                    help="comma-separated: dense, observe, NAME, NAME:PRESET or a YAML path (dense is always first)")
     p.add_argument("--runs", type=_positive("--runs"), default=5, help="timed runs per variant (default 5)")
-    p.add_argument("--warmup", type=_non_negative, default=1, help="untimed rounds after the first call (default 1)")
+    p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1, help="untimed rounds after the first call (default 1)")
     p.add_argument("--batch", type=_batches, default=[1], metavar="B[,B...]",
                    help="batch sizes: latency at 1, throughput at larger ones (default 1)")
     p.add_argument("--condition", help="class id or prompt (default: the model's demo condition)")

@@ -183,3 +183,13 @@ def init_conv_(conv: nn.Conv2d, gen: torch.Generator, gain: float = 1.0) -> None
     nn.init.normal_(conv.weight, std=gain / math.sqrt(fan_in), generator=gen)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
+
+
+def init_conv_net_(module: nn.Module, gen: torch.Generator) -> None:
+    """``init_conv_`` on every conv of ``module`` (in module order), unit-weight zero-bias GroupNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            init_conv_(m, gen)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

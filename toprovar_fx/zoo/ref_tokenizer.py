@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import init_conv_
+from .common import init_conv_, init_conv_net_
 from .var import VAR_256_PATCH_NUMS
 from .vq import MultiScaleVQ, ResBlock, _groups
 
@@ -117,12 +117,7 @@ class RefTokenizer(nn.Module):
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator) -> None:
         """Variance-preserving conv init, unit GroupNorm, small codebook; seeded by ``gen``."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                init_conv_(m, gen)
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_net_(self, gen)
         init_conv_(self.vae.decoder.conv_out, gen, gain=0.5)
         init_conv_(self.encoder.conv_out, gen, gain=0.5)
         nn.init.normal_(self.codebook.weight, std=0.1, generator=gen)

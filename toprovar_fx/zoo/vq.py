@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import init_conv_
+from .common import init_conv_, init_conv_net_
 
 
 class Phi(nn.Module):
@@ -179,11 +179,6 @@ class MultiScaleVQ(nn.Module):
     def init_weights(self, gen: torch.Generator, codebook_std: float = 0.5) -> None:
         """Random weights at a scale where images depend on the tokens (see ``docs/zoo.md``)."""
         nn.init.normal_(self.quantize.embedding.weight, std=codebook_std, generator=gen)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                init_conv_(m, gen)
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_net_(self, gen)
         # a smaller output layer keeps most pixels inside the [-1, 1] clamp
         init_conv_(self.decoder.conv_out, gen, gain=0.5)
