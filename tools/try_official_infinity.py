@@ -12,8 +12,8 @@ Packages their import chain needs that are not installed here are replaced by in
 
 * ``timm`` (``infinity/models/__init__.py``, ``basic.py``, ``infinity.py``): ``timm.loss.
   SoftTargetCrossEntropy``, ``timm.models.layers.DropPath`` / ``drop_path`` / ``trunc_normal_``,
-  ``timm.models.register_model``, written after timm's definitions. timm itself pulls torchvision,
-  whose wheels pin another torch.
+  ``timm.models.register_model``, written here for inference (``DropPath`` is the identity and
+  refuses training). timm itself pulls torchvision, whose wheels pin another torch.
 * ``flash_attn`` (``basic.py``): ``flash_attn_varlen_kvpacked_func``, their cross-attention's only
   kernel, implemented with ``F.scaled_dot_product_attention`` on a padded batch with a key-padding
   mask (checked against a per-sequence loop at start-up); ``flash_attn_func`` raises (it is only
@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from official_report import summarise  # tools/official_report.py (this folder is on sys.path)
 
 # Infinity's dynamic_resolution_h_w[1.0]["0.06M"] (= the first 7 scales of the 1M 1:1 row), as
 # tools/run_infinity.py uses it: (1, h, w).
@@ -63,34 +64,30 @@ SCHEDULE_KEY = "256:1:1"
 
 
 # --------------------------------------------------------------------------------------------
-# timm stand-in (definitions follow timm 1.0: timm/loss/cross_entropy.py, timm/layers/drop.py)
+# timm stand-in: the names their import chain needs, written here for inference only
 # --------------------------------------------------------------------------------------------
 class SoftTargetCrossEntropy(nn.Module):
+    """Cross-entropy against soft targets (imported by their training code, unused here)."""
+
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1)
-        return loss.mean()
+        return -(target * x.log_softmax(-1)).sum(-1).mean()
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
               scale_by_keep: bool = True) -> torch.Tensor:
-    if drop_prob == 0.0 or not training:
-        return x
-    keep_prob = 1 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    random_tensor = x.new_empty(shape).bernoulli_(keep_prob)
-    if keep_prob > 0.0 and scale_by_keep:
-        random_tensor.div_(keep_prob)
-    return x * random_tensor
+    """Stochastic depth: the identity at inference, the only mode this script runs."""
+    if training and drop_prob > 0.0:
+        raise NotImplementedError("timm stand-in (tools/try_official_infinity.py): drop_path runs at inference only")
+    return x
 
 
 class DropPath(nn.Module):
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
         super().__init__()
         self.drop_prob = drop_prob
-        self.scale_by_keep = scale_by_keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+        return drop_path(x, self.drop_prob, self.training)
 
 
 def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
@@ -332,25 +329,6 @@ def diffs(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
         "summed_codes_max_abs": None if got["codes"] is None else float((ref["codes"] - got["codes"]).abs().max()),
         "image_uint8_max_abs": int((ref["img"].int() - got["img"].int()).abs().max()),
     }
-
-
-def summarise(rep: Any) -> dict[str, Any]:
-    if rep is None:
-        return {"report": None}
-    d = {k: getattr(rep, k) for k in ("mode", "policy", "attention_rewrites", "attention_kinds", "attention_skipped",
-                                      "rows", "depth", "start_scale", "graphs", "compiles", "recompiles",
-                                      "fallbacks")}
-    d["compile_seconds"] = round(rep.compile_seconds, 2)
-    d["flop_ratio"] = round(rep.flop_ratio, 4)
-    d["scales"] = [(s.index, s.h, s.w, s.tokens) for s in rep.scales]
-    d["rho"] = [None if s.rho is None else round(s.rho, 3) for s in rep.scales]
-    d["pruning_active"] = [s.index for s in rep.scales if s.pruning_active]
-    d["layer_classes"] = sorted({(lr.index, lr.layer_class, None if lr.r_score is None else round(lr.r_score, 3))
-                                 for s in rep.scales for lr in s.layers}, key=lambda t: t[0])
-    d["actions_last_scales"] = {
-        s.index: [(lr.index, lr.action, lr.kept_tokens) for lr in s.layers] for s in rep.scales[-3:]
-    }
-    return d
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
