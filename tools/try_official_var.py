@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from official_report import summarise  # tools/official_report.py (this folder is on sys.path)
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -119,25 +120,6 @@ def diffs(ref: tuple[torch.Tensor, list[torch.Tensor]], got: tuple[torch.Tensor,
         "logit_calls": [len(lg_r), len(lg_g)],
         "image_finite": bool(torch.isfinite(img_g).all()),
     }
-
-
-def summarise(rep: Any) -> dict[str, Any]:
-    if rep is None:
-        return {"report": None}
-    d = {k: getattr(rep, k) for k in ("mode", "policy", "attention_rewrites", "attention_kinds", "attention_skipped",
-                                      "rows", "depth", "start_scale", "graphs", "compiles", "recompiles",
-                                      "fallbacks")}
-    d["compile_seconds"] = round(rep.compile_seconds, 2)
-    d["flop_ratio"] = round(rep.flop_ratio, 4)
-    d["scales"] = [(s.index, s.h, s.w, s.tokens) for s in rep.scales]
-    d["rho"] = [None if s.rho is None else round(s.rho, 3) for s in rep.scales]
-    d["pruning_active"] = [s.index for s in rep.scales if s.pruning_active]
-    d["layer_classes"] = sorted({(lr.index, lr.layer_class, None if lr.r_score is None else round(lr.r_score, 3))
-                                 for s in rep.scales for lr in s.layers}, key=lambda t: t[0])
-    d["actions_last_scales"] = {
-        s.index: [(lr.index, lr.action, lr.kept_tokens) for lr in s.layers] for s in rep.scales[-3:]
-    }
-    return d
 
 
 def compiled_run(var: nn.Module, options: dict[str, Any], kw: dict[str, Any], calls: int) -> dict[str, Any]:
