@@ -33,16 +33,12 @@ def _call(name: str, m: torch.nn.Module, device: str):
     return lambda fn, **kw: fn(B=1, label_B=labels, g_seed=7, cfg=1.5, return_logits=True, **kw)
 
 
-_OUT: list[str] = []
+def _write(lines: list[str], out: str) -> None:
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
-def _flush(lines: list[str]) -> None:
-    if _OUT:
-        with open(_OUT[0], "w") as f:
-            f.write("\n".join(lines) + "\n")
-
-
-def tiny_equivalence(lines: list[str]) -> None:
+def tiny_equivalence(lines: list[str], out: str) -> None:
     lines += ["## Tiny zoo models, fp32, CUDA", "",
               "Pruning rows also compare with the plain FX path (`inductor: False, cuda_graphs: False`) of the same "
               "policy: same decisions, so the logits must agree (2nd generation, after warm-up).", "",
@@ -73,7 +69,7 @@ def tiny_equivalence(lines: list[str]) -> None:
             vs_fx = f"{_rel(got, fx_path[pol]):.2e}" if pol in fx_path and opts.get("inductor") is not False else ""
             lines.append(f"| {name} | `{opts}` | {_rel(got, ref):.2e} | {vs_fx} | {psnr(img, img_ref):.1f} | "
                          f"{rep.attention_rewrites} | {len(rep.fallbacks)} |")
-            _flush(lines)  # a run cut short by its time limit keeps the rows done
+            _write(lines, out)  # a run cut short by its time limit keeps the rows done
 
 
 def big_timing(lines: list[str], budget_s: float) -> None:
@@ -118,13 +114,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--tiny-only", action="store_true", help="equivalence on the tiny models only")
     args = ap.parse_args()
-    _OUT[:] = [args.out]
     import triton
 
     lines = [f"# GPU check ({datetime.date.today()})", "",
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""]
     try:
-        tiny_equivalence(lines)
+        tiny_equivalence(lines, args.out)
     except Exception as err:  # noqa: BLE001 - report and go on to the timing
         lines.append(f"tiny equivalence failed: {type(err).__name__}: {err}")
     try:

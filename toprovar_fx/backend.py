@@ -123,15 +123,20 @@ def _runner(session: Session, fn: Callable, ctx: PassContext, dense_variant: boo
     return GraphRunner(session, fn, ctx.hoisted, ctx.n_outputs, ctx.outputs_sequence, dense_variant=dense_variant)
 
 
-def _map_block_specs(session: Session, spec_ids: list[int]) -> None:
-    """Give each self-attention site the routed specs of its block (``Session.block_specs``)."""
-    block: list[int] | None = None
+def _map_block_specs(session: Session, spec_ids: list[int]) -> list[int]:
+    """Give each self-attention site the routed specs of its block (``Session.block_specs``).
+
+    Returns the specs before the graph's first self-attention: they belong to the block running
+    when the graph is called (a block split over graphs), which accounts them itself.
+    """
+    leading: list[int] = []
+    block = leading
     for spec_id in spec_ids:
         spec = session.branches[spec_id]
         if spec.kind == "self_attn" and spec.site_ids:
             block = session.block_specs[spec.site_ids[0]] = []
-        if block is not None:
-            block.append(spec_id)
+        block.append(spec_id)
+    return leading
 
 
 def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Session, graph_id: int) -> Callable:
@@ -145,7 +150,7 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
 
         compile_branches(work, session.compiled_branches)
     pruned = _runner(session, work.forward, ctx)
-    _map_block_specs(session, ctx.spec_ids)
+    leading = _map_block_specs(session, ctx.spec_ids)
     if any(n.op == "call_function" and n.target is accumulate_scale for n in work.graph.nodes):
         return pruned  # whether a scale is accumulated is decided with the scale: no dense stand-in
     dense_ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe",
@@ -155,7 +160,7 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
                     dense_variant=True)
     self_sites = sum(session.sites[sid].kind != "cross" for sid in dense_ctx.registered_site_ids)
     planned = _planned_runner(work, ctx, session, graph_id, example_inputs) if self_sites == 1 else None
-    return ScaleSwitchRunner(session, dense, pruned, self_sites, list(ctx.spec_ids), planned)
+    return ScaleSwitchRunner(session, dense, pruned, self_sites, leading, planned)
 
 
 def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, graph_id: int,

@@ -56,7 +56,7 @@ def test_dense_variant_runs_until_the_policy_can_act(monkeypatch):
     orig = runners.ScaleSwitchRunner.__call__
 
     def spy(self, *args):
-        dense = self.session.dense_ahead(self.self_sites)
+        dense = self.session.dense_ahead(self.self_sites, self.mixed)
         out = orig(self, *args)
         used.append(("dense" if dense else "pruned", self.session.clock.scale))
         return out
@@ -102,7 +102,7 @@ def test_switching_to_the_dense_variant_changes_nothing(monkeypatch, name, prese
     for switch in (True, False):
         torch._dynamo.reset()
         if not switch:
-            monkeypatch.setattr(Session, "dense_ahead", lambda self, self_sites=1: False)
+            monkeypatch.setattr(Session, "dense_ahead", lambda self, *args: False)
         opts = {"policy": name} | ({"preset": preset} if preset else {})
         fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
         call(fast)
@@ -348,7 +348,7 @@ def test_blocks_split_over_graphs_switch_without_changing_anything(monkeypatch):
     for switch in (True, False):
         torch._dynamo.reset()
         if not switch:
-            monkeypatch.setattr(Session, "dense_ahead", lambda self, self_sites=1: False)
+            monkeypatch.setattr(Session, "dense_ahead", lambda self, *args: False)
         fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny"})
         call(fast)
         _, logits = call(fast)

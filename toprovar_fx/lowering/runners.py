@@ -54,22 +54,22 @@ class ScaleSwitchRunner:
     """
 
     def __init__(self, session: Any, dense: GraphRunner, pruned: GraphRunner, self_sites: int,
-                 spec_ids: list[int], planned: PlannedBlockRunner | None = None):
+                 leading_specs: list[int], planned: PlannedBlockRunner | None = None):
         self.session = session
         self.dense = dense
         self.pruned = pruned
         self.self_sites = self_sites
-        self.spec_ids = spec_ids
+        # routed branches before the graph's first self-attention: they belong to the block that
+        # is running when the graph is called (a block split over graphs)
+        self.leading_specs = leading_specs
+        self.mixed = bool(leading_specs) and self_sites > 0  # ends one block and starts the next
         self.planned = planned
 
     def __call__(self, *args: Any) -> Any:
-        if self.session.dense_ahead(self.self_sites):
-            out = self.dense(*args)
-            if self.self_sites == 0:
-                # part of a block split over graphs: no self-attention here to account its
-                # branches at (Session.block_specs), so they are accounted as kept now
-                self.session.decider.account_kept(self.spec_ids)
-            return out
+        if self.session.dense_ahead(self.self_sites, self.mixed):
+            if self.leading_specs:  # the self-attentions account their blocks' branches when they record
+                self.session.decider.account_kept(self.leading_specs)
+            return self.dense(*args)
         if self.planned is not None:
             done, out = self.planned.try_call(args)
             if done:

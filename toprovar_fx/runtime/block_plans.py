@@ -46,34 +46,20 @@ class PlanRun:
 
 def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
     """The plan of the next block (one graph call holding ``specs``), or None if it is not exact."""
-    pol, sess, gen, cur = decider.policy, decider.session, decider.gen, decider.cur
-    clock = sess.clock
-    tok = pol.token
-    if decider.override is not None or gen is None or cur is None or not specs:
-        return None
-    if (tok.select_per != "block" or pol.restore.mode != "identity" or pol.cfg.reuse_cond_from is not None
+    pol, tok = decider.policy, decider.policy.token
+    if (not specs or tok.select_per != "block" or pol.restore.mode != "identity"
             or tok.selection not in ("entropy", "random", "frequency")):
         return None
-    depth = clock.depth
-    if not depth or clock.layer + 1 >= depth:
-        return None  # the next block opens a scale: its decisions are not taken yet
+    if decider.next_block_action(1) != "prune_tokens":
+        return None  # implies a decided, active scale whose next block is in the same scale
+    clock, gen = decider.session.clock, decider.gen
     scale, layer = clock.scale, clock.layer + 1
-    if cur.scale != scale or not cur.decided or not cur.active or scale in gen.skipped:
-        return None
-    if decider._needs_entropy and layer <= pol.scale.measure_layer:
-        return None
-    if not pol.layer.eligible(layer) or not gen.layer_classes:
-        return None
-    if pol.layer.actions[gen.layer_classes.get(layer, "global")] != "prune_tokens":
-        return None
-    n, k = gen.tokens.get(scale), cur.kept.get(layer)
-    if n is None or k is None or k >= n:
-        return None
     actions = tuple("prune_tokens" if spec.kind in tok.sublayers and spec not in decider.disabled else "keep"
                     for spec in specs)
     if actions[0] != "prune_tokens":
         return None  # the kept set is chosen at the first pruned branch, from the block's input
-    return BlockPlan(scale=scale, layer=layer, tokens=n, rows=gen.rows, k=k, actions=actions)
+    return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows,
+                     k=decider.cur.kept[layer], actions=actions)
 
 
 def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropies: tuple[Any, ...],

@@ -87,26 +87,34 @@ class Decider:
             self.cur = ScaleDecisions(tick.scale)
             self.latest_full = None
 
-    def keeps_all_next(self, self_sites: int) -> bool:
-        """Whether the next graph call surely keeps every branch, so its dense variant may run.
+    def keeps_all_next(self, self_sites: int, mixed: bool = False) -> bool:
+        """Whether the next graph call surely keeps every branch, so its dense variant may run."""
+        return self.next_block_action(self_sites, mixed) == "keep"
 
-        True when the call cannot reach a scale the policy acts on (``first_active_scale``), and,
-        for a one-block graph, when this generation's decisions so far say the next block is
-        kept: one of the first ``measure_layer + 1`` blocks of a scale that is neither skipped
-        nor CFG-reusing, or a block of an already decided scale that is inactive, or whose layer
-        is kept (not eligible, a keep class, or keeping every token). The prediction uses only
-        what the dispatcher variant would consult, so both variants compute the same thing.
+    def next_block_action(self, self_sites: int, mixed: bool = False) -> str | None:
+        """What the dispatcher will do to every branch of the next call of a graph holding
+        ``self_sites`` self-attentions: ``keep``, ``prune_tokens`` (a Detail layer of a decided,
+        active scale that keeps fewer than all tokens) or None (not known in advance, or mixed).
+        ``mixed``: the graph ends the running block and starts the next (a block split over
+        graphs); only whole scales before the policy acts are known for it.
+
+        ``keep`` when the call cannot reach a scale the policy acts on (``first_active_scale``),
+        and, for a one-block graph, when this generation's decisions so far say the next block is
+        kept: one of the first ``measure_layer + 1`` blocks of a scale that is neither skipped nor
+        CFG-reusing, or a block of an already decided scale that is inactive, or whose layer is
+        kept (not eligible, a keep class, or keeping every token). The prediction uses only what
+        the dispatcher variant would consult, so both variants compute the same thing.
         """
         first = self.first_active_scale()
         if first is None:
-            return False
+            return None
         clock, gen, pol = self.session.clock, self.gen, self.policy
         depth = clock.depth
         span = 1 + (-(-(max(self_sites, 1) - 1) // depth) if depth else max(self_sites, 1) - 1)
         if clock.scale + span < first:
-            return True
-        if self_sites > 1 or not depth:
-            return False
+            return "keep"
+        if self_sites > 1 or mixed or not depth:
+            return None
         if self_sites == 0:  # part of a block split over graphs: its branches belong to the current block
             same, scale, layer = True, clock.scale, clock.layer
         else:
@@ -115,25 +123,25 @@ class Decider:
         res = self._resolve()
         after_d = pol.scale.mode == "skip_after_D" and gen.start_scale is not None and scale > gen.start_scale
         if res is None or scale in res.skip_scales or scale in gen.skipped or after_d:
-            return False
+            return None
         if res.reuse_cond_from is not None and scale >= res.reuse_cond_from:
-            return False
+            return None
         if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
-            return False
+            return None
         if self._needs_entropy and layer <= pol.scale.measure_layer:
-            return True
+            return "keep"
         cur = self.cur
         if not same or cur is None or cur.scale != scale or not cur.decided:
-            return False
+            return None
         if not cur.active or not pol.layer.eligible(layer):
-            return True
+            return "keep"
         if not gen.layer_classes:
-            return False  # classes are computed by the dispatcher variant's first decision
+            return None  # classes are computed by the dispatcher variant's first decision
         action = pol.layer.actions[gen.layer_classes.get(layer, "global")]
         if action != "prune_tokens":
-            return action == "keep"
+            return "keep" if action == "keep" else None
         k = cur.kept.get(layer)
-        return k is None or k >= gen.tokens.get(scale, 0)
+        return "keep" if k is None or k >= gen.tokens.get(scale, 0) else "prune_tokens"
 
     def first_active_scale(self) -> int | None:
         """The first scale of this generation at which the policy may change anything.

@@ -154,7 +154,7 @@ class Session:
                 self._policy_mismatch(self.clock.mismatch)
         return t
 
-    def dense_ahead(self, self_sites: int = 1) -> bool:
+    def dense_ahead(self, self_sites: int = 1, mixed: bool = False) -> bool:
         """Whether the next call of a graph holding ``self_sites`` self-attentions surely keeps
         every branch (prune mode; ``Decider.keeps_all_next``). Unknown is False."""
         decider = self.decider
@@ -162,7 +162,7 @@ class Session:
             return True
         if self.clock.generation < 0 or self.gen is None:
             return False
-        return decider.keeps_all_next(self_sites)
+        return decider.keeps_all_next(self_sites, mixed)
 
     def _policy_mismatch(self, message: str) -> None:
         """The policy does not fit what runs: raise (strict / on_mismatch: error) or go dense."""
