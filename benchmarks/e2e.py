@@ -510,6 +510,7 @@ def report_summary(rep: Any) -> dict[str, Any]:
         } for s in rep.scales],
         "compiles": rep.compiles,
         "compile_seconds": rep.compile_seconds,
+        "planned_blocks": rep.planned_blocks,
         "fallbacks": list(dict.fromkeys(rep.fallbacks)),
     }
 

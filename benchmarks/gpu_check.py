@@ -43,7 +43,8 @@ def tiny_equivalence(lines: list[str], out: str) -> None:
               "Pruning rows also compare with the plain FX path (`inductor: False, cuda_graphs: False`) of the same "
               "policy: same decisions, so the logits must agree (2nd generation, after warm-up).", "",
               "| model | options | max rel logit diff vs eager | vs FX path | image PSNR vs eager (dB) | rewrites | "
-              "fallbacks |", "|---|---|---|---|---|---|---|"]
+              "fallbacks | planned blocks |", "|---|---|---|---|---|---|---|---|"]
+    notes: list[str] = []
     for name in ("infinity-tiny", "var-tiny"):
         m = zoo.build(name, device="cuda")
         call = _call(name, m, "cuda")
@@ -68,8 +69,10 @@ def tiny_equivalence(lines: list[str], out: str) -> None:
                 fx_path[pol] = got
             vs_fx = f"{_rel(got, fx_path[pol]):.2e}" if pol in fx_path and opts.get("inductor") is not False else ""
             lines.append(f"| {name} | `{opts}` | {_rel(got, ref):.2e} | {vs_fx} | {psnr(img, img_ref):.1f} | "
-                         f"{rep.attention_rewrites} | {len(rep.fallbacks)} |")
-            _write(lines, out)  # a run cut short by its time limit keeps the rows done
+                         f"{rep.attention_rewrites} | {len(rep.fallbacks)} | {rep.planned_blocks} |")
+            notes += [f"- {name} `{opts}`: {msg}" for msg in dict.fromkeys(rep.fallbacks)]
+            _write(lines + [""] + notes, out)  # a run cut short by its time limit keeps the rows done
+    lines += [""] + notes
 
 
 def big_timing(lines: list[str], budget_s: float) -> None:

@@ -226,10 +226,12 @@ def test_planned_blocks_change_nothing(name, preset):
         opts = {"policy": name, "planned_blocks": planned} | ({"preset": preset} if preset else {})
         fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
         call(fast)
+        planned_before = last_session().planned_calls
         _, logits = call(fast)
         rep = toprovar_fx.last_generation()
         sess = last_session()
         runs = sess.planned_calls
+        assert rep.planned_blocks == runs - planned_before  # the report counts this generation's
         kept = {key: idx.tolist() for key, idx in sess.gen.kept_idx.items()}
         results[planned] = (logits, runs, rep.start_scale, rep.flop_ratio,
                             [[(lay.action, lay.kept_tokens, lay.mean_entropy) for lay in sc.layers] for sc in rep.scales], kept,

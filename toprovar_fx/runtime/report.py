@@ -55,6 +55,7 @@ class GenerationReport:
     compiles: int = 0  # graphs compiled while this generation ran
     recompiles: int = 0  # compiles during a generation that was not the session's first
     compile_seconds: float = 0.0
+    planned_blocks: int = 0  # blocks run from a plan inside a CUDA graph (option planned_blocks)
     fallbacks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class GenerationState:
     started: float
     compiles_before: int
     compile_seconds_before: float
+    planned_before: int = 0
     entropy: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (scale, layer) -> [rows, L]
     tokens: dict[int, int] = field(default_factory=dict)  # scale -> token count
     hw: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -138,6 +139,7 @@ class Session:
                 started=time.perf_counter(),
                 compiles_before=self.graphs,
                 compile_seconds_before=self.compile_seconds,
+                planned_before=self.planned_calls,
             )
             self.gen.fallbacks.extend(self.session_fallbacks)
             self.session_fallbacks = []
@@ -262,6 +264,7 @@ class Session:
         rep.compiles = self.graphs - gen.compiles_before
         rep.recompiles = rep.compiles if gen.index > 0 else 0
         rep.compile_seconds = self.compile_seconds - gen.compile_seconds_before
+        rep.planned_blocks = self.planned_calls - gen.planned_before
         rep.fallbacks = list(gen.fallbacks)
         means = self._layer_means(gen)
         for s in sorted(gen.tokens):
