@@ -17,6 +17,7 @@ import torch
 import toprovar_fx
 from toprovar_fx import zoo
 from toprovar_fx.metrics import psnr
+from toprovar_fx.policies import load_policy
 
 
 def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -38,9 +39,22 @@ def _write(lines: list[str], out: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def frozen_policy(name: str) -> dict:
+    """The model's policy with D fixed and layers 2.. Detail: every run prunes the same blocks
+    (planned blocks included), whatever the random weights' entropies are."""
+    d = load_policy(name).to_dict()
+    d.pop("presets", None)
+    d.pop("default_preset", None)
+    depth = d["model"]["depth"]
+    d["name"] = f"{name}-frozen-check"
+    d["scale"] = {**d["scale"], "criterion": "fixed"}
+    d["layer"] = {**d["layer"], "mode": "frozen", "frozen": {"global": [0, 1], "detail": list(range(2, depth))}}
+    return d
+
+
 def tiny_equivalence(lines: list[str], out: str) -> None:
     lines += ["## Tiny zoo models, fp32, CUDA", "",
-              "Pruning rows also compare with the plain FX path (`inductor: False, cuda_graphs: False`) of the same "
+              "Pruning rows also compare with the plain FX path (`inductor: False, cuda_graphs: False, planned_blocks: False`) of the same "
               "policy: same decisions, so the logits must agree (2nd generation, after warm-up).", "",
               "| model | options | max rel logit diff vs eager | vs FX path | image PSNR vs eager (dB) | rewrites | "
               "fallbacks | planned blocks |", "|---|---|---|---|---|---|---|---|"]
@@ -52,12 +66,14 @@ def tiny_equivalence(lines: list[str], out: str) -> None:
         fx_path: dict[str, list[torch.Tensor]] = {}
         # most telling first (a run cut by its time limit keeps the rows done): the default lowering
         # (Inductor, compiled branches, CUDA graphs) against the plain FX path, then the rest
-        for opts in ({"policy": name, "inductor": False, "cuda_graphs": False}, {"policy": name},
-                     {"policy": name, "planned_blocks": True},
+        frozen = frozen_policy(name)
+        for opts in ({"policy": frozen, "inductor": False, "cuda_graphs": False, "planned_blocks": False}, {"policy": frozen},
+                     {"policy": frozen, "cuda_graph_pool": "private"},
+                     {"policy": name, "inductor": False, "cuda_graphs": False, "planned_blocks": False}, {"policy": name},
                      {"mode": "observe"}, {"policy": f"{name}-keepall"},
-                     {"policy": f"{name}-fastvar-released", "inductor": False, "cuda_graphs": False},
+                     {"policy": f"{name}-fastvar-released", "inductor": False, "cuda_graphs": False, "planned_blocks": False},
                      {"policy": f"{name}-fastvar-released"},
-                     {"mode": "observe", "inductor": False, "cuda_graphs": False},
+                     {"mode": "observe", "inductor": False, "cuda_graphs": False, "planned_blocks": False},
                      {"mode": "observe", "inductor": True, "cuda_graphs": False}):
             torch._dynamo.reset()
             fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
@@ -65,12 +81,14 @@ def tiny_equivalence(lines: list[str], out: str) -> None:
             img, got = call(fast)
             rep = toprovar_fx.last_generation()
             pol = opts.get("policy")
+            pol = pol["name"] if isinstance(pol, dict) else pol
             if pol and opts.get("inductor") is False:
                 fx_path[pol] = got
             vs_fx = f"{_rel(got, fx_path[pol]):.2e}" if pol in fx_path and opts.get("inductor") is not False else ""
-            lines.append(f"| {name} | `{opts}` | {_rel(got, ref):.2e} | {vs_fx} | {psnr(img, img_ref):.1f} | "
+            shown = {k: (v if k != "policy" or isinstance(v, str) else v["name"]) for k, v in opts.items()}
+            lines.append(f"| {name} | `{shown}` | {_rel(got, ref):.2e} | {vs_fx} | {psnr(img, img_ref):.1f} | "
                          f"{rep.attention_rewrites} | {len(rep.fallbacks)} | {rep.planned_blocks} |")
-            notes += [f"- {name} `{opts}`: {msg}" for msg in dict.fromkeys(rep.fallbacks)]
+            notes += [f"- {name} `{shown}`: {msg}" for msg in dict.fromkeys(rep.fallbacks)]
             _write(lines + [""] + notes, out)  # a run cut short by its time limit keeps the rows done
     lines += [""] + notes
 

@@ -115,7 +115,8 @@ def _lower_whole(work: fx.GraphModule, example_inputs: list[Any], session: Sessi
     use_graphs = settings.cuda_graphs if settings.cuda_graphs is not None else True
     if use_graphs and _on_cuda(example_inputs) and not mutates_inputs(work.graph):
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
-        fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}")
+        fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}",
+                            pool=session.graph_pool())
     return fn
 
 
@@ -178,7 +179,9 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, gr
     use_graphs = (settings.cuda_graphs if settings.cuda_graphs is not None else True) and _on_cuda(example_inputs)
 
     def wrap(fn: Callable) -> Callable:
-        return CudaGraphCache(fn, static, max_bytes, name=f"planned block of graph {graph_id}") if use_graphs else fn
+        if not use_graphs:
+            return fn
+        return CudaGraphCache(fn, static, max_bytes, name=f"planned block of graph {graph_id}", pool=session.graph_pool())
 
     return PlannedBlockRunner(session, work.forward, list(ctx.spec_ids), placeholders.index(first.x),
                               ctx.n_outputs, ctx.outputs_sequence, wrap)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 VALID_MODES = ("observe", "prune")
+CUDA_GRAPH_POOLS = ("shared", "private")
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,11 @@ class Settings:
     cuda_graphs: bool | None = None
     # Largest per-call input size (MiB, copied into the graph's buffers each call) captured.
     cuda_graph_max_mib: float = 64.0
+    # One memory pool for all CUDA graphs of a session ("shared") or one per graph ("private").
+    cuda_graph_pool: str = "shared"
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
-    # CUDA graphs per decision signature (runtime/block_plans.py). Off until measured on a GPU.
-    planned_blocks: bool = False
+    # CUDA graphs per decision signature (runtime/block_plans.py).
+    planned_blocks: bool = True
     # Raise instead of falling back to dense execution.
     strict: bool = False
     # Dynamo's recompile limit is raised to at least this so that every scale of a
@@ -58,8 +61,9 @@ _OPTION_DOCS = {
     "inductor": "bool: hand rewritten graphs to Inductor (default: on for CUDA, off for CPU)",
     "cuda_graphs": "bool: replay small graphs (early scales) from CUDA graphs (default: on for CUDA)",
     "cuda_graph_max_mib": "number > 0: largest per-call input size (MiB) replayed from a CUDA graph",
+    "cuda_graph_pool": "shared | private: one CUDA-graph memory pool per session (default) or per graph",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
-                      "(experimental, default off)",
+                      "(default on)",
     "strict": "bool: raise instead of falling back to dense",
     "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
     "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
@@ -91,6 +95,9 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     max_mib = options.get("cuda_graph_max_mib", 64.0)
     if not isinstance(max_mib, (int, float)) or isinstance(max_mib, bool) or not max_mib > 0:
         raise ValueError(f"toprovar: option 'cuda_graph_max_mib' must be a number > 0, got {max_mib!r}")
+    pool = options.get("cuda_graph_pool", "shared")
+    if pool not in CUDA_GRAPH_POOLS:
+        raise ValueError(f"toprovar: option 'cuda_graph_pool' must be one of {CUDA_GRAPH_POOLS}, got {pool!r}")
     policy = options.get("policy")
     from .policies import Policy
 
@@ -108,7 +115,8 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         inductor=options.get("inductor"),
         cuda_graphs=options.get("cuda_graphs"),
         cuda_graph_max_mib=float(max_mib),
-        planned_blocks=bool(options.get("planned_blocks", False)),
+        cuda_graph_pool=pool,
+        planned_blocks=bool(options.get("planned_blocks", True)),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,
         schedules=schedules,

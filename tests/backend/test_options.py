@@ -18,6 +18,8 @@ def test_unknown_option_lists_valid_ones():
         ({"strict": 1}, "'strict' must be a bool"),
         ({"recompile_limit": 4}, "recompile_limit' must be an int >= 16"),
         ({"policy": 3.5}, "'policy' must be a policy name"),
+        ({"cuda_graph_pool": "per-graph"}, "'cuda_graph_pool' must be one of"),
+        ({"cuda_graph_max_mib": 0}, "'cuda_graph_max_mib' must be a number > 0"),
     ],
 )
 def test_bad_option_values(options, message):
@@ -30,6 +32,8 @@ def test_defaults_and_mode_resolution():
     assert s.resolved_mode == "observe" and not s.strict and s.inductor is None
     assert parse_options({"policy": "var-tiny"}).resolved_mode == "prune"
     assert parse_options({"policy": "var-tiny", "mode": "observe"}).resolved_mode == "observe"
+    assert s.planned_blocks and s.cuda_graph_pool == "shared"
+    assert parse_options({"cuda_graph_pool": "private", "planned_blocks": False}).cuda_graph_pool == "private"
 
 
 def test_backend_is_found_by_name_through_the_entry_point():

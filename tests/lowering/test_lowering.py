@@ -140,6 +140,12 @@ class _FakeGraphAPI:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.captures = 0
+        self.pools: list = []  # the pool argument of every capture
+        self.handles = 0
+
+    def graph_pool_handle(self):
+        self.handles += 1
+        return ("pool", self.handles)
 
     def current_stream(self):
         return self.Stream()
@@ -151,10 +157,11 @@ class _FakeGraphAPI:
         return False
 
     @contextlib.contextmanager
-    def graph(self, g):
+    def graph(self, g, pool=None):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
+        self.pools.append(pool)
         _FakeGraphAPI.capturing[:] = [g]
         try:
             yield
@@ -200,6 +207,25 @@ def test_cuda_graph_cache_copies_in_replays_and_clones_out():
     small_cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1024, api=api, device_type="cpu")
     torch.testing.assert_close(small_cache(big, w1, 0)[0], big @ w1)
     assert api.captures == 3 and small_cache.replays == 0
+
+
+def test_graphs_share_one_pool_per_session_unless_private():
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+    from toprovar_fx.runtime.session import Session
+    from toprovar_fx.settings import parse_options
+
+    api = _FakeGraphAPI()
+    pool = SharedPool()
+    shared = [CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                             pool=pool) for _ in range(2)]
+    private = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu")
+    x, w = torch.randn(2, 4), torch.randn(4, 3)
+    for cache in (*shared, private):
+        torch.testing.assert_close(cache(x, w, 0)[0], x @ w)
+    assert api.pools == [("pool", 1), ("pool", 1), None] and api.handles == 1
+    assert Session(parse_options({"mode": "observe", "cuda_graph_pool": "private"}), None).graph_pool() is None
+    sess = Session(parse_options({"mode": "observe"}), None)
+    assert sess.graph_pool() is sess.graph_pool() is not None
 
 
 def test_cuda_graph_cache_falls_back_when_capture_fails(caplog):
@@ -284,8 +310,9 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     api = _FakeGraphAPI()
     made: list[CudaGraphCache] = []
 
-    def cache(fn, static, max_bytes, name="graph"):
-        made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu"))
+    def cache(fn, static, max_bytes, name="graph", pool=None):
+        made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu",
+                                   pool=pool))
         return made[-1]
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)
@@ -298,6 +325,7 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     rep = toprovar_fx.last_generation()
     assert api.captures > 0 and sum(c.replays for c in made) > api.captures  # graphs were replayed
     assert last_session().planned_calls > 0
+    assert api.handles == 1 and set(api.pools) == {("pool", 1)}  # one memory pool for the session's graphs
     assert (rep.start_scale, rep.flop_ratio) == (ref_rep.start_scale, ref_rep.flop_ratio)
     assert [[lay.action for lay in s.layers] for s in rep.scales] == [[lay.action for lay in s.layers]
                                                                       for s in ref_rep.scales]

@@ -7,7 +7,9 @@ cache grows by ``torch.cat`` into tensors the next scale reads after other graph
 cudagraph trees treat as overwritten outputs. Here every (input shapes, parameter addresses)
 pair gets its own graph with a private memory pool, the per-call inputs are copied into
 static buffers, and the outputs are cloned out after the replay, so callers see ordinary
-tensors with ordinary lifetimes. Only calls whose per-call inputs are small are captured
+tensors with ordinary lifetimes. The graphs of one session share one memory pool
+(``SharedPool``) unless the option ``cuda_graph_pool: private`` asks for one pool per graph.
+Only calls whose per-call inputs are small are captured
 (``max_bytes``): for large scales the copies would cost more than the launches they save,
 and those scales are GPU-bound anyway.
 
@@ -77,6 +79,27 @@ class _Captured:
 _UNSEEN = object()
 
 
+class SharedPool:
+    """One CUDA-graph memory pool for every graph a session captures.
+
+    Why sharing is safe here: a captured graph's memory that outlives its replay is its static
+    inputs (allocated outside the capture, so outside the pool) and its static outputs, which
+    ``_Captured.run`` clones before any other graph runs. Intermediates freed at the end of one
+    capture may back a later graph's intermediates or outputs; replays are sequential on the
+    capturing stream, so no replay overwrites memory another graph still needs. What it saves:
+    a private pool per graph keeps every graph's peak workspace resident (Infinity-2B: ~15 GiB
+    across ~1,000 captured graphs, benchmarks/results/e2e.md).
+    """
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+
+    def get(self, api: Any) -> Any:
+        if self.handle is None:
+            self.handle = api.graph_pool_handle()
+        return self.handle
+
+
 class CudaGraphCache:
     """Calls ``fn``; calls with small CUDA inputs replay a captured CUDA graph instead.
 
@@ -89,8 +112,10 @@ class CudaGraphCache:
     """
 
     def __init__(self, fn: Callable, static: Sequence[bool], max_bytes: int, name: str = "graph",
-                 max_graphs: int = 4096, api: Any = None, device_type: str = "cuda"):
+                 max_graphs: int = 4096, api: Any = None, device_type: str = "cuda",
+                 pool: SharedPool | None = None):
         self.fn = fn
+        self.pool = pool  # None: a private pool per captured graph
         # the CUDA graph API and the device it captures on; tests pass a stand-in to check the
         # data flow (copies in, replay, clones out) on machines without a GPU
         self.api = torch.cuda if api is None else api
@@ -153,7 +178,7 @@ class CudaGraphCache:
                 self.fn(*inputs)
             api.current_stream().wait_stream(side)
             graph = api.CUDAGraph()
-            with api.graph(graph):
+            with api.graph(graph, pool=None if self.pool is None else self.pool.get(api)):
                 outputs = self.fn(*inputs)
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self.disabled = f"{type(err).__name__}: {err}"

@@ -55,6 +55,9 @@ class Decider:
         self.disabled: set[Any] = set()  # branches that failed on pruned tokens: dense from then on
         self._needs_entropy = policy.scale.criterion == "rho" or policy.token.selection == "entropy"
         self.plan_run = None  # a PlanRun while a planned block runs (runtime/block_plans.py)
+        # the last entropy-driven selection (entropy tensor, k, rows, indices): the blocks of a scale
+        # that share an entropy source and a kept count keep the same tokens, selected once
+        self._selection: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
     def start_generation(self, gen: Any) -> None:
@@ -63,6 +66,7 @@ class Decider:
         self.cur = None
         self.cache.clear()
         self.cached_hw = None
+        self._selection = None
 
     def _resolve(self) -> Any | None:
         """The policy's scale refs for the running schedule; None (= dense) if the policy does not fit."""
@@ -131,7 +135,7 @@ class Decider:
         if self._needs_entropy and layer <= pol.scale.measure_layer:
             return "keep"
         cur = self.cur
-        if not same or cur is None or cur.scale != scale or not cur.decided:
+        if not same or cur is None or cur.scale != scale or (not cur.decided and not self._decide_ahead(res)):
             return None
         if not cur.active or not pol.layer.eligible(layer):
             return "keep"
@@ -142,6 +146,24 @@ class Decider:
             return "keep" if action == "keep" else None
         k = cur.kept.get(layer)
         return "keep" if k is None or k >= gen.tokens.get(scale, 0) else "prune_tokens"
+
+    def _decide_ahead(self, res) -> bool:
+        """Take the running scale's decisions before its first block past the measured layer is
+        called, so that this block too can be predicted (run dense or planned) instead of going
+        through the dispatcher. Same inputs as the dispatcher's decision at that block: the
+        measured layer's entropy (recorded when its graph returned) and the layer classes.
+        False when the dispatcher must decide (no entropy yet, fixed-ratio policies, test overrides).
+        """
+        tick, gen = self.tick, self.gen
+        if (self.override is not None or not self._needs_entropy or tick is None or tick.scale == 0
+                or (tick.scale, self.policy.scale.measure_layer) not in gen.entropy):
+            return False
+        if not gen.layer_classes:
+            with record_function("toprovar.layer_svd"):
+                self._maybe_classify(res, tick)
+        with record_function("toprovar.decide_scale"):
+            self._decide_scale(res, tick)
+        return True
 
     def first_active_scale(self) -> int | None:
         """The first scale of this generation at which the policy may change anything.
@@ -527,9 +549,15 @@ class Decider:
             measured = self.gen.entropy.get((tick.scale, self.policy.scale.measure_layer))
             latest = tok.entropy_source == "latest_full" and self.latest_full is not None
             ent = self.latest_full if latest else measured
+            last = self._selection
+            if last is not None and last[0] is ent and last[1:3] == (k, rows):
+                return last[3]  # ~5 launches and their host time saved per pruned block
             if tok.cfg == "shared":
                 idx = per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
                 idx = idx.repeat(rows // idx.shape[0], 1) if rows % idx.shape[0] == 0 else idx[:1].expand(rows, k)
             else:
                 idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
+            idx = idx.sort(dim=1).values
+            self._selection = (ent, k, rows, idx)
+            return idx
         return idx.sort(dim=1).values

@@ -101,9 +101,20 @@ class Session:
         # accounts when it runs the block, exactly as the dispatcher would for kept branches
         self.block_specs: dict[int, list[int]] = {}
         self.planned_calls = 0  # blocks run from a plan (lowering.runners.PlannedBlockRunner)
+        self._graph_pool: Any = None
         _SESSIONS[self.id] = self
 
     # ----- compile time -------------------------------------------------------------------
+    def graph_pool(self) -> Any:
+        """The ``SharedPool`` of this session's CUDA graphs; None with ``cuda_graph_pool: private``."""
+        if self.settings.cuda_graph_pool != "shared":
+            return None
+        if self._graph_pool is None:
+            from ..lowering.cuda_graphs import SharedPool
+
+            self._graph_pool = SharedPool()
+        return self._graph_pool
+
     def add_site(self, **kw: Any) -> SiteInfo:
         site = SiteInfo(site_id=len(self.sites), **kw)
         self.sites.append(site)
