@@ -255,6 +255,7 @@ class Generation:
     segments_ms: list[float] | None  # one per scale, then the decode tail; None if marks != scales
     marks: int
     kv_bytes: int | None = None
+    output: Any = None  # what the sampler returned (the images)
 
 
 class ScaleMarks:
@@ -338,10 +339,12 @@ def run_generation(fn: Callable[..., Any], call: Callable[[Callable[..., Any]], 
     sync(device)
     marks.begin(profiling=profiling, capture_kv=capture_kv)
     t0 = time.perf_counter()
-    call(fn)
+    out = call(fn)
     marks.finish()
     sync(device)
-    return marks.end(1e3 * (time.perf_counter() - t0))
+    g = marks.end(1e3 * (time.perf_counter() - t0))
+    g.output = out
+    return g
 
 
 def dynamo_frames() -> int:
@@ -408,6 +411,7 @@ class VariantRun:
     dynamo_frames_timed: int = 0
     toprovar_compiles_timed: int = 0
     peak_bytes_b1: int | None = None
+    image: torch.Tensor | None = None  # the last warm-up generation's images (CPU, fp32)
     kv_bytes_b1: int | None = None
     peak_bytes_b8: int | None = None
     kv_bytes_b8: int | None = None
@@ -451,7 +455,7 @@ class VariantRun:
 
     def to_dict(self) -> dict[str, Any]:
         # not asdict(self): it would deep-copy ``fn`` (a bound method of the model)
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fn", "variant")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fn", "variant", "image")}
         d.update(key=self.key, label=self.variant.label, kind=self.variant.kind,
                  definition=self.variant.definition, options=_jsonable(self.variant.options),
                  compile_kwargs=dict(self.variant.compile_kwargs), median_ms=self.median_ms(),
@@ -534,6 +538,10 @@ class Bench:
     budget: Budget
     args: argparse.Namespace
     estimates: dict[str, float] = field(default_factory=dict)  # first-call seconds per cost class
+    # CUDA bytes allocated once the model and its prompt are on the device: the peaks reported are
+    # this plus what a variant allocated beyond what was allocated before its first call, so that
+    # CUDA-graph pools or caches of variants compiled earlier in the same process are not counted
+    base_bytes: int = 0
     rounds_done: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -592,7 +600,13 @@ def compile_phase(b: Bench) -> None:
             b.estimates[cls] = max(b.estimates.get(cls, 0.0), 1.1 * run.first_call_ms / 1e3)
 
 
+def _own_peak(b: Bench, before: int) -> int:
+    """The peak since the last reset, as if this variant were the only one in the process."""
+    return torch.cuda.max_memory_allocated() - before + b.base_bytes
+
+
 def compile_and_warm(b: Bench, run: VariantRun) -> None:
+    before = torch.cuda.memory_allocated() if b.cuda else 0
     run.fn = run.variant.build(b.model)
     first = b.gen(run)
     run.first_call_ms = first.wall_ms
@@ -606,7 +620,9 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
         if last:
             run.kv_bytes_b1 = g.kv_bytes
             if b.cuda:
-                run.peak_bytes_b1 = torch.cuda.max_memory_allocated()
+                run.peak_bytes_b1 = _own_peak(b, before)
+            out = g.output[0] if isinstance(g.output, (tuple, list)) else g.output
+            run.image = out.detach().float().cpu() if isinstance(out, torch.Tensor) else None
         if g.segments_ms is None:
             b.notes.append(f"{run.key}: {g.marks} scale marks in a generation, expected {len(b.schedule)}")
     if run.variant.kind == "toprovar":
@@ -707,6 +723,7 @@ def batch_memory_phase(b: Bench) -> None:
             run.skipped.append(f"memory at batch {batch}: time budget")
             continue
         separate_first = compile_s > 0 and b.budget.left() >= compile_s + 2 * gen_s
+        before = torch.cuda.memory_allocated()
         try:
             with deadline(max(b.budget.left(), 5.0), f"{run.key} batch {batch}"):
                 if separate_first:
@@ -716,7 +733,7 @@ def batch_memory_phase(b: Bench) -> None:
         except (Exception, DeadlineExceeded) as err:  # noqa: BLE001
             run.b8_note = f"failed: {one_line(err)}"
             continue
-        run.peak_bytes_b8 = torch.cuda.max_memory_allocated()
+        run.peak_bytes_b8 = _own_peak(b, before)
         run.kv_bytes_b8 = g.kv_bytes
         if compile_s > 0 and not separate_first:
             run.b8_note = "measured on the call that compiled for this batch"
@@ -831,6 +848,18 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
 # ----------------------------------------------------------------------------------------------
 # analysis
 # ----------------------------------------------------------------------------------------------
+
+
+def image_agreement(runs: Sequence[VariantRun]) -> dict[str, dict[str, float]]:
+    """Per variant: relative max difference of its images to those of ``eager`` and ``toprovar``."""
+    refs = {r.key: r.image for r in runs if r.key in ("eager", "toprovar") and r.image is not None}
+    out: dict[str, dict[str, float]] = {}
+    for r in runs:
+        if r.image is None:
+            continue
+        out[r.key] = {name: float((r.image - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+                      for name, ref in refs.items() if name != r.key and ref.shape == r.image.shape}
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -1095,6 +1124,15 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
              ", ".join(str(s["index"] + 1) + ("(skip)" if s["skipped"] else "") for s in rep["scales"]
                        if s["flops_executed"] < s["flops_dense"]) or "none", rep.get("planned_blocks", 0),
              "; ".join(f[:160] for f in rep["fallbacks"][:3]) or "none"] for key, rep in reports])
+    agree = image_agreement(b.runs)
+    if agree:
+        lines += ["### Image agreement (last warm-up generation)", "",
+                  "Max |difference| of the decoded images over the max |value| of the reference. Variants "
+                  "that take the same decisions by different routes (`toprovar`, `toprovar_noplan`, "
+                  "`toprovar_nocg`) run the same kernels on the same tokens, so they should agree with "
+                  "`toprovar` exactly or to rounding; pruned variants differ from dense by design.", ""]
+        lines += _table(["variant", "vs eager", "vs toprovar"],
+                        [[k, _f(v.get("eager"), ".2e"), _f(v.get("toprovar"), ".2e")] for k, v in agree.items()])
     lines += ["### Profile: top kernels and host ops (profiled generation)", ""]
     for r in shown:
         if not r.profile:
@@ -1127,7 +1165,7 @@ class Output:
         self.models[b.name] = {
             "json": {"schedule": [list(hw) for hw in b.schedule], "build_s": build_s,
                      "rounds": b.rounds_done, "notes": list(dict.fromkeys(b.notes)),
-                     "variants": [r.to_dict() for r in b.runs], **a},
+                     "variants": [r.to_dict() for r in b.runs], "image_agreement": image_agreement(b.runs), **a},
             "md": model_markdown(b, a, build_s),
         }
 
@@ -1212,6 +1250,9 @@ def bench_model(name: str, args: argparse.Namespace, budget: Budget, output: Out
               call_b1=sampler_call(model, 1, args.device), runs=[VariantRun(v) for v in variants],
               budget=budget, args=args)
     marks.install()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        b.base_bytes = torch.cuda.memory_allocated()
     try:
         for phase in (compile_phase, timed_phase, profile_phase, batch_memory_phase):
             log.info("%s: %s (%.0f s left)", name, phase.__name__, budget.left())
