@@ -256,6 +256,7 @@ class Generation:
     marks: int
     kv_bytes: int | None = None
     output: Any = None  # what the sampler returned (the images)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per scale (CPU fp32), when captured
 
 
 class ScaleMarks:
@@ -280,6 +281,8 @@ class ScaleMarks:
         self._profiling = False
         self._capture_kv = False
         self._kv: int | None = None
+        self._capture_logits = False
+        self.logits: list[torch.Tensor] = []  # per scale, when asked (``begin(capture_logits=True)``)
 
     def install(self) -> None:
         original = self.model.get_logits
@@ -287,7 +290,7 @@ class ScaleMarks:
 
         def get_logits(h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
             out = original(h, cond_BD)
-            mark()
+            mark(out)
             return out
 
         self.model.get_logits = get_logits
@@ -302,17 +305,20 @@ class ScaleMarks:
             self._events.append(ev)
         self._host.append(time.perf_counter())
 
-    def _on_mark(self) -> None:
+    def _on_mark(self, logits: torch.Tensor) -> None:
         self._stamp()
+        if self._capture_logits:
+            self.logits.append(logits.detach().float().cpu())
         if self._profiling:
             with torch.profiler.record_function(MARK_RANGE):
                 pass
         if self._capture_kv and len(self._host) - 1 == self.num_scales:
             self._kv = kv_cache_bytes(self.model)
 
-    def begin(self, *, profiling: bool = False, capture_kv: bool = False) -> None:
+    def begin(self, *, profiling: bool = False, capture_kv: bool = False, capture_logits: bool = False) -> None:
         self._host, self._events, self._kv = [], [], None
-        self._profiling, self._capture_kv = profiling, capture_kv
+        self._profiling, self._capture_kv, self._capture_logits = profiling, capture_kv, capture_logits
+        self.logits = []
         self._stamp()
 
     def finish(self) -> None:
@@ -328,16 +334,18 @@ class ScaleMarks:
             stamps = [1e3 * (t - self._host[0]) for t in self._host]
         marks = len(stamps) - 2
         segments = [b - a for a, b in zip(stamps, stamps[1:])] if marks == self.num_scales else None
-        self._profiling = self._capture_kv = False
-        return Generation(wall_ms=wall_ms, segments_ms=segments, marks=marks, kv_bytes=self._kv)
+        self._profiling = self._capture_kv = self._capture_logits = False
+        return Generation(wall_ms=wall_ms, segments_ms=segments, marks=marks, kv_bytes=self._kv,
+                          logits=self.logits)
 
 
 def run_generation(fn: Callable[..., Any], call: Callable[[Callable[..., Any]], Any], marks: ScaleMarks,
-                   device: str, *, profiling: bool = False, capture_kv: bool = False) -> Generation:
+                   device: str, *, profiling: bool = False, capture_kv: bool = False,
+                   capture_logits: bool = False) -> Generation:
     """One synchronised generation: wall time from ``perf_counter``, per-scale times from the marks."""
     torch.compiler.cudagraph_mark_step_begin()  # a new CUDA-graph step (a no-op for other variants)
     sync(device)
-    marks.begin(profiling=profiling, capture_kv=capture_kv)
+    marks.begin(profiling=profiling, capture_kv=capture_kv, capture_logits=capture_logits)
     t0 = time.perf_counter()
     out = call(fn)
     marks.finish()
@@ -412,6 +420,7 @@ class VariantRun:
     toprovar_compiles_timed: int = 0
     peak_bytes_b1: int | None = None
     image: torch.Tensor | None = None  # the last warm-up generation's images (CPU, fp32)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per scale, one extra generation after warm-up
     kv_bytes_b1: int | None = None
     peak_bytes_b8: int | None = None
     kv_bytes_b8: int | None = None
@@ -455,7 +464,7 @@ class VariantRun:
 
     def to_dict(self) -> dict[str, Any]:
         # not asdict(self): it would deep-copy ``fn`` (a bound method of the model)
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fn", "variant", "image")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fn", "variant", "image", "logits")}
         d.update(key=self.key, label=self.variant.label, kind=self.variant.kind,
                  definition=self.variant.definition, options=_jsonable(self.variant.options),
                  compile_kwargs=dict(self.variant.compile_kwargs), median_ms=self.median_ms(),
@@ -628,6 +637,7 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
     if run.variant.kind == "toprovar":
         rep = toprovar_fx.last_generation()
         run.report = report_summary(rep) if rep is not None else None
+    run.logits = b.gen(run, capture_logits=True).logits  # same seed: the same generation, logits kept
 
 
 def timed_phase(b: Bench) -> None:
@@ -850,15 +860,31 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
 # ----------------------------------------------------------------------------------------------
 
 
-def image_agreement(runs: Sequence[VariantRun]) -> dict[str, dict[str, float]]:
-    """Per variant: relative max difference of its images to those of ``eager`` and ``toprovar``."""
-    refs = {r.key: r.image for r in runs if r.key in ("eager", "toprovar") and r.image is not None}
-    out: dict[str, dict[str, float]] = {}
+def _rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def image_agreement(runs: Sequence[VariantRun]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per variant and reference (``eager``, ``toprovar``): the relative max difference of the
+    images, and the first scale (1-based) whose logits differ at all, with the difference there.
+    Sampling turns any difference into different tokens from that scale on, so the first
+    differing scale says where two variants part: at a pruned scale by design, or earlier."""
+    refs = {r.key: r for r in runs if r.key in ("eager", "toprovar") and r.image is not None}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
         if r.image is None:
             continue
-        out[r.key] = {name: float((r.image - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-                      for name, ref in refs.items() if name != r.key and ref.shape == r.image.shape}
+        row: dict[str, dict[str, Any]] = {}
+        for name, ref in refs.items():
+            if name == r.key or ref.image.shape != r.image.shape:
+                continue
+            first = next(((i, _rel_diff(a, b)) for i, (a, b) in enumerate(zip(r.logits, ref.logits))
+                          if a.shape != b.shape or not torch.equal(a, b)), None)
+            row[name] = {"image": _rel_diff(r.image, ref.image),
+                         "first_scale": None if first is None else first[0] + 1,
+                         "logits_at_first": None if first is None or math.isnan(first[1]) else first[1],
+                         "scales_compared": min(len(r.logits), len(ref.logits))}
+        out[r.key] = row
     return out
 
 
@@ -1127,12 +1153,20 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
     agree = image_agreement(b.runs)
     if agree:
         lines += ["### Image agreement (last warm-up generation)", "",
-                  "Max |difference| of the decoded images over the max |value| of the reference. Variants "
+                  "Max |difference| of the decoded images over the max |value| of the reference, and the "
+                  "first scale whose logits (one more generation after warm-up) differ at all. Variants "
                   "that take the same decisions by different routes (`toprovar`, `toprovar_noplan`, "
                   "`toprovar_nocg`) run the same kernels on the same tokens, so they should agree with "
                   "`toprovar` exactly or to rounding; pruned variants differ from dense by design.", ""]
+        def cell(d: dict[str, Any] | None) -> str:
+            if not d:
+                return "-"
+            where = ("logits equal at all " f"{d['scales_compared']} scales" if d["first_scale"] is None
+                     else f"logits first differ at scale {d['first_scale']} ({_f(d['logits_at_first'], '.1e')})")
+            return f"{d['image']:.2e}; {where}"
+
         lines += _table(["variant", "vs eager", "vs toprovar"],
-                        [[k, _f(v.get("eager"), ".2e"), _f(v.get("toprovar"), ".2e")] for k, v in agree.items()])
+                        [[k, cell(v.get("eager")), cell(v.get("toprovar"))] for k, v in agree.items()])
     lines += ["### Profile: top kernels and host ops (profiled generation)", ""]
     for r in shown:
         if not r.profile:

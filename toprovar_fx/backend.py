@@ -168,8 +168,8 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, gr
                     example_inputs: list[Any]) -> PlannedBlockRunner | None:
     """``PlannedBlockRunner`` for a one-block dispatcher graph (option ``planned_blocks``), if it fits."""
     settings = session.settings
-    if not settings.planned_blocks or ctx.hoisted or not ctx.spec_ids:
-        return None
+    if not settings.planned_blocks or ctx.hoisted or not ctx.spec_ids or mutates_inputs(work.graph):
+        return None  # a replay must not depend on what an earlier call wrote into its inputs
     placeholders = list(work.graph.find_nodes(op="placeholder"))
     first = next((br for br in ctx.branches if br.prunable), None)
     if first is None or first.x not in placeholders:

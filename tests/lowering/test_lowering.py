@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -137,8 +138,9 @@ class _FakeGraphAPI:
 
     capturing: list = []
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, empty: bool = False) -> None:
         self.fail = fail
+        self.empty = empty  # captures "record no kernels", as torch.cuda warns then
         self.captures = 0
         self.pools: list = []  # the pool argument of every capture
         self.handles = 0
@@ -167,6 +169,10 @@ class _FakeGraphAPI:
             yield
         finally:
             _FakeGraphAPI.capturing[:] = []
+        if self.empty:
+            g.work = lambda: None
+            warnings.warn("The CUDA Graph is empty. This usually means that the graph was attempted to be captured "
+                          "on wrong device or stream.", UserWarning, stacklevel=2)
 
 
 def _recorded(x, w, n):
@@ -223,9 +229,34 @@ def test_graphs_share_one_pool_per_session_unless_private():
     for cache in (*shared, private):
         torch.testing.assert_close(cache(x, w, 0)[0], x @ w)
     assert api.pools == [("pool", 1), ("pool", 1), None] and api.handles == 1
+    key = next(iter(shared[0].graphs))
+    a, b = shared[0].graphs[key], shared[1].graphs[key]
+    assert a.inputs[0] is b.inputs[0]  # one static input buffer for both graphs
+    assert private.graphs[key].inputs[0] is not a.inputs[0]
+    w2 = torch.randn(4, 3)
+    for _ in range(3):  # interleaved calls through the shared buffer stay separate
+        x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+        o1, o2 = shared[0](x1, w, 0)[0], shared[1](x2, w2, 0)[0]
+        torch.testing.assert_close(o1, x1 @ w)
+        torch.testing.assert_close(o2, x2 @ w2)
     assert Session(parse_options({"mode": "observe", "cuda_graph_pool": "private"}), None).graph_pool() is None
     sess = Session(parse_options({"mode": "observe"}), None)
     assert sess.graph_pool() is sess.graph_pool() is not None
+
+
+def test_a_capture_that_records_nothing_is_not_replayed():
+    """An empty graph would replay nothing and leave stale outputs: the call runs directly."""
+    api = _FakeGraphAPI(empty=True)
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu")
+    w = torch.randn(4, 3)
+    for _ in range(3):
+        x = torch.randn(2, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the capture's "empty" warning is consumed, not shown
+            out, col = cache(x, w, 1)
+        torch.testing.assert_close(out, x @ w + 1)
+        torch.testing.assert_close(col, x.sum(0))
+    assert api.captures == 1 and cache.empty == 1 and cache.replays == 0 and not cache.disabled
 
 
 def test_cuda_graph_cache_falls_back_when_capture_fails(caplog):

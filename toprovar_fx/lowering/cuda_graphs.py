@@ -22,6 +22,7 @@ key, so a reallocated parameter gets a new graph, never stale memory).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,17 +88,34 @@ class SharedPool:
     ``_Captured.run`` clones before any other graph runs. Intermediates freed at the end of one
     capture may back a later graph's intermediates or outputs; replays are sequential on the
     capturing stream, so no replay overwrites memory another graph still needs. What it saves:
-    a private pool per graph keeps every graph's peak workspace resident (Infinity-2B: ~15 GiB
-    across ~1,000 captured graphs, benchmarks/results/e2e.md).
+    the intermediates of every capture stay reserved in a private pool; shared, one capture's
+    freed intermediates back the next one's.
+
+    The static input buffers are shared too (``input_buffer``): graphs whose per-call input at
+    the same position has the same shape, stride and dtype (the blocks of one scale: same
+    hidden-state and K/V shapes, different parameters) copy into one buffer. Safe for the same
+    reason: ``_Captured.run`` copies a call's inputs in right before its replay and reads the
+    outputs right after, so no other graph runs in between. Static outputs stay per graph
+    (benchmarks/results/e2e.md, "Memory").
     """
 
     def __init__(self) -> None:
         self.handle: Any = None
+        self.buffers: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def get(self, api: Any) -> Any:
         if self.handle is None:
             self.handle = api.graph_pool_handle()
         return self.handle
+
+    def input_buffer(self, position: int, like: torch.Tensor) -> torch.Tensor:
+        """The shared static buffer for argument ``position`` of ``like``'s layout."""
+        key = (position, tuple(like.shape), like.stride(), like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype,
+                                                          device=like.device)
+        return buf
 
 
 class CudaGraphCache:
@@ -129,6 +147,7 @@ class CudaGraphCache:
         self.graphs: dict[tuple[Any, ...], _Captured | None] = {}  # None: seen, not captured
         self.disabled: str | None = None
         self.replays = 0
+        self.empty = 0  # captures that recorded no kernels (not used)
 
     def __call__(self, *args: Any) -> Any:
         if self.disabled is None and len(args) == self.n_args:
@@ -167,7 +186,10 @@ class CudaGraphCache:
         inputs = list(args)
         for i in copy_idx:
             a = args[i]
-            inputs[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+            if self.pool is not None:
+                inputs[i] = self.pool.input_buffer(i, a)
+            else:
+                inputs[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
             inputs[i].copy_(a)
         try:
             # warm-up on a side stream (lazy initialisation, autotuning), as CUDA graphs require
@@ -178,11 +200,27 @@ class CudaGraphCache:
                 self.fn(*inputs)
             api.current_stream().wait_stream(side)
             graph = api.CUDAGraph()
-            with api.graph(graph, pool=None if self.pool is None else self.pool.get(api)):
-                outputs = self.fn(*inputs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with api.graph(graph, pool=None if self.pool is None else self.pool.get(api)):
+                    outputs = self.fn(*inputs)
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self.disabled = f"{type(err).__name__}: {err}"
             log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
                         self.disabled)
+            return None
+        empty = False
+        for w in caught:
+            if "CUDA Graph is empty" in str(w.message):
+                empty = True
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if empty:
+            # Nothing was recorded on the capture stream: either the call launches no kernels
+            # (views only) or its kernels ran elsewhere; a replay would do nothing in both
+            # cases, so these inputs run without a graph.
+            self.empty += 1
+            log.info("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
+                     [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
         return _Captured(graph, inputs, copy_idx, outputs)

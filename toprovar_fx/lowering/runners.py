@@ -86,7 +86,7 @@ class PlannedBlockRunner:
     kept indices as one more input; the dispatcher's side effects are applied afterwards
     (``apply_plan_effects``). Preconditions: the graph's stream input is argument ``hidden_arg``,
     it hoists no entropy of its own (every attention is inside a routed branch), and its routed
-    branches are ``spec_ids`` in graph order.
+    branches are ``spec_ids`` in graph order, and it writes into none of its inputs.
     """
 
     def __init__(self, session: Any, fn: Callable, spec_ids: list[int], hidden_arg: int, n_outputs: int,

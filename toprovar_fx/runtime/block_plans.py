@@ -2,12 +2,13 @@
 
 Why: on a GPU at batch 1 a pruned block run through the dispatcher costs ~3 ms of host time
 (three dispatches, three compiled-branch calls, gathers, scatters, FAE launches) for well under
-1 ms of GPU work (benchmarks/results/e2e.md). Once a scale's decisions are taken, what the
-dispatcher will do to the next block is known in advance: which branches run on the kept
-tokens, and ``k``. A ``BlockPlan`` holds that; with it the block is a pure function of its
-inputs and the kept indices, so ``lowering.runners.PlannedBlockRunner`` can replay it from a
-CUDA graph (one per plan signature and input shapes), then apply the dispatcher's side effects
-(clock tick, entropy records, FLOP accounting, kept positions) itself, in the dispatcher's order.
+1 ms of GPU work (benchmarks/results/e2e-2026-11-28-dispatcher.md). Once a scale's decisions
+are taken, what the dispatcher will do to the next block is known in advance: which branches
+run on the kept tokens, and ``k``. A ``BlockPlan`` holds that; with it the block is a pure
+function of its inputs and the kept indices, so ``lowering.runners.PlannedBlockRunner`` can
+replay it from a CUDA graph (one per plan signature and input shapes), then apply the
+dispatcher's side effects (clock tick, entropy records, FLOP accounting, kept positions)
+itself, in the dispatcher's order.
 
 Plans exist only where they are exact: ``select_per: block`` (one kept set per block), identity
 restore, no CFG reuse, a decided and active scale whose next block is a Detail layer that
