@@ -272,15 +272,33 @@ def test_cuda_graph_cache_falls_back_when_capture_fails(caplog):
     assert sum("cannot be captured" in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("name,preset", [("var-tiny", None), ("infinity-tiny", None), ("var-tiny", "quality")])
-def test_planned_blocks_change_nothing(name, preset):
-    """Pruned blocks run from a plan (option planned_blocks) exactly as through the dispatcher."""
+def _skip_after_d(name: str) -> dict:
+    """``name``'s policy as a scale stage: D fixed at min_start_scale, every later scale skipped."""
+    from toprovar_fx.policies import load_policy
+
+    d = load_policy(name).to_dict()
+    d.pop("presets", None)
+    d.pop("default_preset", None)
+    d["name"] = f"{name}-test-skip-after-d"
+    d["scale"] = {**d["scale"], "mode": "skip_after_D", "criterion": "fixed"}
+    return d
+
+
+@pytest.mark.parametrize("name,preset,policy", [
+    ("var-tiny", None, None), ("infinity-tiny", None, None), ("var-tiny", "quality", None),
+    ("var-tiny", "fast", None),  # Detail layers skipped whole: planned skips
+    ("infinity-tiny", "fast", None),
+    ("var-tiny", None, "skip-after-d"),  # whole scales skipped: the blocks after each scale's first
+])
+def test_planned_blocks_change_nothing(name, preset, policy):
+    """Blocks run from a plan (option planned_blocks) exactly as through the dispatcher."""
     m = model(name)
     call = sampler_call(name, 1)
     results = {}
     for planned in (False, True):
         torch._dynamo.reset()
-        opts = {"policy": name, "planned_blocks": planned} | ({"preset": preset} if preset else {})
+        opts = ({"policy": _skip_after_d(name) if policy else name, "planned_blocks": planned}
+                | ({"preset": preset} if preset else {}))
         fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
         call(fast)
         planned_before = last_session().planned_calls
@@ -296,6 +314,8 @@ def test_planned_blocks_change_nothing(name, preset):
     (a, runs_off, *rest_off), (b, runs_on, *rest_on) = results[False], results[True]
     assert runs_off == 0 and runs_on > 0  # the planned path ran, and only when asked for
     assert rest_on == rest_off
+    if preset == "fast" or policy:  # those planned blocks were skips
+        assert any(action == "skip" for sc in rest_on[2] for action, _, _ in sc)
     assert max_rel_diff(b, a) <= 1e-5
 
 
@@ -324,8 +344,8 @@ def _replayable(fn):
     return wrapped
 
 
-@pytest.mark.parametrize("name", ["var-tiny", "infinity-tiny"])
-def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name):
+@pytest.mark.parametrize("name,preset", [("var-tiny", None), ("infinity-tiny", None), ("var-tiny", "fast")])
+def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name, preset):
     """Every graph the backend would capture on a GPU (dense variants, planned blocks) is
     "captured" by the stand-in API and replayed: logits and decisions stay those of the plain path."""
     import toprovar_fx.backend as backend
@@ -333,7 +353,9 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     m = model(name)
     call = sampler_call(name, 1)
     torch._dynamo.reset()
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": name})
+    extra = {"preset": preset} if preset else {}
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": name, "planned_blocks": False} | extra)  # the dispatcher path
     call(fast)
     _, ref = call(fast)
     ref_rep = toprovar_fx.last_generation()
@@ -350,7 +372,7 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"policy": name, "inductor": False, "planned_blocks": True})
+                         options={"policy": name, "inductor": False, "planned_blocks": True} | extra)
     call(fast)
     _, got = call(fast)
     rep = toprovar_fx.last_generation()
@@ -370,7 +392,8 @@ def test_a_failing_planned_block_hands_over_to_the_dispatcher(monkeypatch):
     m = model("var-tiny")
     call = sampler_call("var-tiny", 1)
     torch._dynamo.reset()
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny"})
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": "var-tiny", "planned_blocks": False})
     call(fast)
     _, ref = call(fast)
     ref_rep = toprovar_fx.last_generation()

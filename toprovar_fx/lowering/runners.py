@@ -119,9 +119,11 @@ class PlannedBlockRunner:
         if (plan is None or not isinstance(x, torch.Tensor) or x.dim() < 2
                 or int(x.shape[0]) != plan.rows or int(x.shape[1]) != plan.tokens):
             return False, None
-        where = SimpleNamespace(scale=plan.scale, layer=plan.layer)  # the tick this block will get
-        with record_function("toprovar.select_tokens"):
-            idx = decider._indices(x, plan.k, where)
+        idx = None
+        if plan.prunes:
+            where = SimpleNamespace(scale=plan.scale, layer=plan.layer)  # the tick this block will get
+            with record_function("toprovar.select_tokens"):
+                idx = decider._indices(x, plan.k, where)
         fn = self.by_signature.get(plan.actions)
         if fn is None:
             fn = self.by_signature[plan.actions] = self.wrap(self._planned_fn)

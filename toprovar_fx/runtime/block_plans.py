@@ -12,7 +12,8 @@ itself, in the dispatcher's order.
 
 Plans exist only where they are exact: ``select_per: block`` (one kept set per block), identity
 restore, no CFG reuse, a decided and active scale whose next block is a Detail layer that
-prunes tokens. Everything else keeps running through the dispatcher.
+prunes tokens or is skipped (a skipped layer, or a block after the first of a skipped scale).
+Everything else keeps running through the dispatcher.
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ class BlockPlan:
     layer: int
     tokens: int  # the scale's token count N
     rows: int
-    k: int  # kept tokens of the pruned branches
-    actions: tuple[str, ...]  # per routed branch of the block, in graph order: keep | prune_tokens
+    k: int  # kept tokens of the pruned branches (0 when nothing is pruned)
+    actions: tuple[str, ...]  # per routed branch of the block, in graph order: keep | prune_tokens | skip
+
+    @property
+    def prunes(self) -> bool:
+        return "prune_tokens" in self.actions
 
 
 @dataclass
@@ -47,14 +52,20 @@ class PlanRun:
 
 def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
     """The plan of the next block (one graph call holding ``specs``), or None if it is not exact."""
-    pol, tok = decider.policy, decider.policy.token
-    if (not specs or tok.select_per != "block" or pol.restore.mode != "identity"
-            or tok.selection not in ("entropy", "random", "frequency")):
+    if not specs:
         return None
-    if decider.next_block_action(1) != "prune_tokens":
-        return None  # implies a decided, active scale whose next block is in the same scale
+    action = decider.next_block_action(1)
+    if action not in ("prune_tokens", "skip"):
+        return None  # either implies a decided scale whose next block is in the same scale
     clock, gen = decider.session.clock, decider.gen
     scale, layer = clock.scale, clock.layer + 1
+    if action == "skip":  # every branch skipped: nothing selected, restored or recorded
+        return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows, k=0,
+                         actions=("skip",) * len(specs))
+    pol, tok = decider.policy, decider.policy.token
+    if (tok.select_per != "block" or pol.restore.mode != "identity"
+            or tok.selection not in ("entropy", "random", "frequency")):
+        return None
     actions = tuple("prune_tokens" if spec.kind in tok.sublayers and spec not in decider.disabled else "keep"
                     for spec in specs)
     if actions[0] != "prune_tokens":
@@ -64,12 +75,16 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
 
 
 def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropies: tuple[Any, ...],
-                       tick: Any, idx: torch.Tensor) -> None:
+                       tick: Any, idx: torch.Tensor | None) -> None:
     """The dispatcher's side effects of a planned block, in its order (record, then account)."""
     sess, gen = decider.session, decider.gen
-    decider.cur.indices[plan.layer] = idx
+    if plan.prunes:
+        decider.cur.indices[plan.layer] = idx
     i = 0
     for spec, action in zip(specs, plan.actions):
+        if action == "skip":  # nothing recorded, nothing run
+            decider._account(spec, tick, "skip", 0)
+            continue
         ents = entropies[i:i + len(spec.site_ids)]
         i += len(spec.site_ids)
         full = action == "keep"

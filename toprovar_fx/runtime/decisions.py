@@ -98,7 +98,9 @@ class Decider:
     def next_block_action(self, self_sites: int, mixed: bool = False) -> str | None:
         """What the dispatcher will do to every branch of the next call of a graph holding
         ``self_sites`` self-attentions: ``keep``, ``prune_tokens`` (a Detail layer of a decided,
-        active scale that keeps fewer than all tokens) or None (not known in advance, or mixed).
+        active scale that keeps fewer than all tokens), ``skip`` (a skipped layer of a decided
+        scale, or a block after the first of a skipped scale) or None (not known in advance, or
+        mixed).
         ``mixed``: the graph ends the running block and starts the next (a block split over
         graphs); only whole scales before the policy acts are known for it.
 
@@ -125,6 +127,8 @@ class Decider:
             same = clock.layer + 1 < depth
             scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
         res = self._resolve()
+        if same and scale in gen.skipped and self_sites == 1:
+            return "skip"  # the rest of a scale whose first block the dispatcher skipped
         after_d = pol.scale.mode == "skip_after_D" and gen.start_scale is not None and scale > gen.start_scale
         if res is None or scale in res.skip_scales or scale in gen.skipped or after_d:
             return None
@@ -143,7 +147,7 @@ class Decider:
             return None  # classes are computed by the dispatcher variant's first decision
         action = pol.layer.actions[gen.layer_classes.get(layer, "global")]
         if action != "prune_tokens":
-            return "keep" if action == "keep" else None
+            return action  # keep | skip: every branch of the block
         k = cur.kept.get(layer)
         return "keep" if k is None or k >= gen.tokens.get(scale, 0) else "prune_tokens"
 
@@ -297,6 +301,9 @@ class Decider:
         action = run.plan.actions[run.step]
         run.step += 1
         x = inputs[spec.hidden]
+        if action == "skip":
+            run.entropies.append(())
+            return (x, *[inputs[i] for i in spec.escape_skip])
         if action == "keep":
             outs = branch(*inputs)
             x_new = x + outs[0]
