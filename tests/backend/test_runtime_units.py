@@ -1,4 +1,4 @@
-"""Runtime units: the scale clock, and self/cross decided from key lengths for split blocks."""
+"""Runtime units: the scale clock, self/cross decided from key lengths for split blocks, token selection."""
 
 import torch
 
@@ -36,3 +36,34 @@ def test_unknown_attention_kind_is_decided_by_key_length():
     rep = session.report()
     assert [s.tokens for s in rep.scales] == [1, 4, 9]
     assert rep.depth == 2 and all(len(s.layers) == 2 for s in rep.scales)
+
+
+def test_blocks_with_one_entropy_source_and_kept_count_share_one_selection():
+    """``_indices`` reuses its last selection only for the same entropy tensor, k and rows."""
+    from types import SimpleNamespace
+
+    from toprovar_fx.policies import load_policy
+    from toprovar_fx.runtime.decisions import Decider
+    from toprovar_fx.runtime.entropy_stats import per_image
+
+    policy = load_policy("var-tiny")  # selection entropy, latest_full, cfg shared
+    decider = Decider(Session(parse_options({"policy": "var-tiny"}), policy), policy)
+    decider.gen = SimpleNamespace(entropy={})
+    tick = SimpleNamespace(scale=5, layer=2)
+    x = torch.zeros(2, 16, 8)
+
+    def expected(ent, k):
+        return per_image(ent).topk(k, dim=-1, largest=False).indices.repeat(2, 1).sort(dim=1).values
+
+    ent = torch.rand(2, 16)
+    decider.latest_full = ent
+    first = decider._indices(x, 4, tick)
+    assert torch.equal(first, expected(ent, 4))
+    assert decider._indices(x, 4, SimpleNamespace(scale=5, layer=3)) is first  # the next block: shared
+    other_k = decider._indices(x, 8, tick)
+    assert other_k.shape == (2, 8) and torch.equal(other_k, expected(ent, 8))
+    new_ent = torch.rand(2, 16)  # a later full layer recorded new entropy: a new selection
+    decider.latest_full = new_ent
+    assert torch.equal(decider._indices(x, 8, tick), expected(new_ent, 8))
+    decider.start_generation(decider.gen)  # nothing carries over to the next generation
+    assert decider._selection is None
