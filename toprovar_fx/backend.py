@@ -174,14 +174,17 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, gr
     first = next((br for br in ctx.branches if br.prunable), None)
     if first is None or first.x not in placeholders:
         return None
-    static = [is_static_input(n) for n in placeholders] + [False]  # + the kept indices
+    static = [is_static_input(n) for n in placeholders]
     max_bytes = int(8 * settings.cuda_graph_max_mib * 2**20)  # K/V copies of large scales included
     use_graphs = (settings.cuda_graphs if settings.cuda_graphs is not None else True) and _on_cuda(example_inputs)
 
-    def wrap(fn: Callable) -> Callable:
+    def wrap(fn: Callable, n_extra: int) -> Callable:
+        """``fn`` replayed per input shapes; ``n_extra`` per-call inputs follow the graph's (kept
+        indices, cached-scale outputs)."""
         if not use_graphs:
             return fn
-        return CudaGraphCache(fn, static, max_bytes, name=f"planned block of graph {graph_id}", pool=session.graph_pool())
+        return CudaGraphCache(fn, static + [False] * n_extra, max_bytes, name=f"planned block of graph {graph_id}",
+                              pool=session.graph_pool())
 
     return PlannedBlockRunner(session, work.forward, list(ctx.spec_ids), placeholders.index(first.x),
                               ctx.n_outputs, ctx.outputs_sequence, wrap)

@@ -289,11 +289,14 @@ def _skip_after_d(name: str) -> dict:
     ("var-tiny", "fast", None),  # Detail layers skipped whole: planned skips
     ("infinity-tiny", "fast", None),
     ("var-tiny", None, "skip-after-d"),  # whole scales skipped: the blocks after each scale's first
+    ("var-tiny-fastvar-released", None, None),  # per-sublayer frequency selection, cached-scale restore
+    ("infinity-tiny-fastvar-released", None, None),
 ])
 def test_planned_blocks_change_nothing(name, preset, policy):
     """Blocks run from a plan (option planned_blocks) exactly as through the dispatcher."""
-    m = model(name)
-    call = sampler_call(name, 1)
+    family = name.removesuffix("-fastvar-released")
+    m = model(family)
+    call = sampler_call(family, 1)
     results = {}
     for planned in (False, True):
         torch._dynamo.reset()
@@ -344,14 +347,15 @@ def _replayable(fn):
     return wrapped
 
 
-@pytest.mark.parametrize("name,preset", [("var-tiny", None), ("infinity-tiny", None), ("var-tiny", "fast")])
+@pytest.mark.parametrize("name,preset", [("var-tiny", None), ("infinity-tiny", None), ("var-tiny", "fast"),
+                                         ("var-tiny-fastvar-released", None)])
 def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name, preset):
     """Every graph the backend would capture on a GPU (dense variants, planned blocks) is
     "captured" by the stand-in API and replayed: logits and decisions stay those of the plain path."""
     import toprovar_fx.backend as backend
 
-    m = model(name)
-    call = sampler_call(name, 1)
+    m = model(name.removesuffix("-fastvar-released"))
+    call = sampler_call(name.removesuffix("-fastvar-released"), 1)
     torch._dynamo.reset()
     extra = {"preset": preset} if preset else {}
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from ..runtime.block_plans import PlanRun, apply_plan_effects, plan_next_block
+from ..runtime.block_plans import PlanRun, apply_plan_effects, cached_inputs, plan_next_block
 
 
 class GraphRunner:
@@ -81,16 +81,17 @@ class PlannedBlockRunner:
     """Prune mode, one-block dispatcher graphs: run a block whose decisions are known as data.
 
     When ``plan_next_block`` gives the next block's plan, the dispatcher graph runs with the
-    decider in plan mode (no decisions, no side effects) inside ``wrap`` (a ``CudaGraphCache``
-    per plan signature: replayed from a CUDA graph on CUDA, called directly elsewhere), with the
-    kept indices as one more input; the dispatcher's side effects are applied afterwards
-    (``apply_plan_effects``). Preconditions: the graph's stream input is argument ``hidden_arg``,
-    it hoists no entropy of its own (every attention is inside a routed branch), and its routed
-    branches are ``spec_ids`` in graph order, and it writes into none of its inputs.
+    decider in plan mode (no decisions, no side effects) inside ``wrap(fn, n_extra)`` (a
+    ``CudaGraphCache`` per plan signature: replayed from a CUDA graph on CUDA, called directly
+    elsewhere), with the kept indices and the cached-scale outputs as more inputs; the
+    dispatcher's side effects are applied afterwards (``apply_plan_effects``). Preconditions:
+    the graph's stream input is argument ``hidden_arg``, it hoists no entropy of its own (every
+    attention is inside a routed branch), its routed branches are ``spec_ids`` in graph order,
+    and it writes into none of its inputs.
     """
 
     def __init__(self, session: Any, fn: Callable, spec_ids: list[int], hidden_arg: int, n_outputs: int,
-                 sequence: bool, wrap: Callable[[Callable], Callable]):
+                 sequence: bool, wrap: Callable[[Callable, int], Callable]):
         self.session = session
         self.fn = fn
         self.spec_ids = spec_ids
@@ -98,15 +99,21 @@ class PlannedBlockRunner:
         self.n_outputs = n_outputs
         self.sequence = sequence
         self.wrap = wrap
-        self.by_signature: dict[tuple[str, ...], Callable] = {}
+        self.by_signature: dict[tuple[Any, ...], Callable] = {}
         self.disabled = False  # a planned call failed: the dispatcher runs every block
 
-    def _planned_fn(self, *args_and_idx: Any) -> tuple[Any, ...]:
+    def _planned_fn(self, *args_and_extra: Any) -> tuple[Any, ...]:
+        """The graph's arguments, then the kept indices (None: none, or selected in the graph),
+        then the cached-scale outputs; returns the graph's outputs, the entropies, and the first
+        in-graph selection if there is one."""
         run = self.session.decider.plan_run
-        run.idx, run.step, run.entropies = args_and_idx[-1], 0, []
-        outs = self.fn(*args_and_idx[:-1])
+        n = len(args_and_extra) - 1 - len(run.cached)
+        run.idx, run.cached = args_and_extra[n], tuple(args_and_extra[n + 1:])
+        run.step, run.pruned, run.first_idx, run.entropies = 0, 0, None, []
+        outs = self.fn(*args_and_extra[:n])
         outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
-        return (*outs, *[e for ents in run.entropies for e in ents])
+        first = (run.first_idx,) if run.first_idx is not None else ()
+        return (*outs, *[e for ents in run.entropies for e in ents], *first)
 
     def try_call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         session = self.session
@@ -120,16 +127,17 @@ class PlannedBlockRunner:
                 or int(x.shape[0]) != plan.rows or int(x.shape[1]) != plan.tokens):
             return False, None
         idx = None
-        if plan.prunes:
+        if plan.prunes and not plan.select_in_graph:
             where = SimpleNamespace(scale=plan.scale, layer=plan.layer)  # the tick this block will get
             with record_function("toprovar.select_tokens"):
                 idx = decider._indices(x, plan.k, where)
-        fn = self.by_signature.get(plan.actions)
+        cached = cached_inputs(decider, plan, specs)
+        fn = self.by_signature.get(plan.signature)
         if fn is None:
-            fn = self.by_signature[plan.actions] = self.wrap(self._planned_fn)
-        decider.plan_run = PlanRun(plan)
+            fn = self.by_signature[plan.signature] = self.wrap(self._planned_fn, 1 + len(cached))
+        decider.plan_run = PlanRun(plan, cached=cached)
         try:
-            outs = fn(*args, idx)
+            outs = fn(*args, idx, *cached)
         except Exception as err:  # noqa: BLE001 - nothing happened yet: the dispatcher runs the block
             if session.settings.strict:
                 raise
@@ -144,5 +152,8 @@ class PlannedBlockRunner:
             raise RuntimeError(f"toprovar: planned block {(plan.scale, plan.layer)} ran as {(tick.scale, tick.layer)}")
         session.planned_calls += 1
         n = self.n_outputs
-        apply_plan_effects(decider, plan, specs, tuple(outs[n:]), tick, idx)
+        extra = tuple(outs[n:])
+        if plan.select_in_graph and plan.prunes:
+            extra, idx = extra[:-1], extra[-1]
+        apply_plan_effects(decider, plan, specs, extra, tick, idx)
         return True, (tuple(outs[:n]) if self.sequence else outs[0])

@@ -10,10 +10,14 @@ replay it from a CUDA graph (one per plan signature and input shapes), then appl
 dispatcher's side effects (clock tick, entropy records, FLOP accounting, kept positions)
 itself, in the dispatcher's order.
 
-Plans exist only where they are exact: ``select_per: block`` (one kept set per block), identity
-restore, no CFG reuse, a decided and active scale whose next block is a Detail layer that
-prunes tokens or is skipped (a skipped layer, or a block after the first of a skipped scale).
-Everything else keeps running through the dispatcher.
+Plans exist only where they are exact: a decided scale whose next block is skipped (a skipped
+layer, or a block after the first of a skipped scale), or a Detail layer of an active scale that
+prunes tokens, with no CFG reuse and either ``select_per: block`` (one kept set per block,
+selected before the call from the block's input) or FastVAR's ``select_per: sublayer`` with
+frequency selection (each pruned branch selects from its own input inside the graph, as the
+dispatcher does), and identity or cached-scale restore (the cached outputs are inputs of the
+call, never read from the decider inside a captured graph). Everything else keeps running
+through the dispatcher.
 """
 
 from __future__ import annotations
@@ -34,10 +38,21 @@ class BlockPlan:
     rows: int
     k: int  # kept tokens of the pruned branches (0 when nothing is pruned)
     actions: tuple[str, ...]  # per routed branch of the block, in graph order: keep | prune_tokens | skip
+    # FastVAR's select_per: sublayer with frequency selection: each pruned branch selects from its
+    # own input inside the graph (the dispatcher does the same at run time)
+    select_in_graph: bool = False
+    # restore.mode cached_scale: the cached scale's token grid and this scale's (None: identity)
+    cached_hw: tuple[int, int] | None = None
+    hw: tuple[int, int] | None = None
 
     @property
     def prunes(self) -> bool:
         return "prune_tokens" in self.actions
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        """What the captured computation depends on beyond its inputs' shapes."""
+        return self.actions, self.select_in_graph, self.cached_hw, self.hw
 
 
 @dataclass
@@ -46,7 +61,10 @@ class PlanRun:
 
     plan: BlockPlan
     idx: torch.Tensor | None = None  # kept positions [rows, k]; a graph's static buffer under capture
+    cached: tuple[torch.Tensor, ...] = ()  # per pruned branch, its cached-scale output (graph inputs)
     step: int = 0
+    pruned: int = 0  # pruned branches run so far
+    first_idx: torch.Tensor | None = None  # the block's first in-graph selection (returned by the graph)
     entropies: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
@@ -63,22 +81,39 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
         return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows, k=0,
                          actions=("skip",) * len(specs))
     pol, tok = decider.policy, decider.policy.token
-    if (tok.select_per != "block" or pol.restore.mode != "identity"
-            or tok.selection not in ("entropy", "random", "frequency")):
+    per_block = tok.select_per == "block" and tok.selection in ("entropy", "random", "frequency")
+    in_graph = tok.select_per == "sublayer" and tok.selection == "frequency"
+    if not (per_block or in_graph) or pol.restore.mode not in ("identity", "cached_scale"):
         return None
     actions = tuple("prune_tokens" if spec.kind in tok.sublayers and spec not in decider.disabled else "keep"
                     for spec in specs)
-    if actions[0] != "prune_tokens":
+    if per_block and actions[0] != "prune_tokens":
         return None  # the kept set is chosen at the first pruned branch, from the block's input
+    cached_hw = hw = None
+    if pol.restore.mode == "cached_scale":
+        if decider.cached_hw is None or any((layer, spec.kind) not in decider.cache
+                                            for spec, a in zip(specs, actions) if a == "prune_tokens"):
+            return None  # the dispatcher reports the missing cache
+        cached_hw, hw = tuple(decider.cached_hw), tuple(gen.hw[scale])
     return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows,
-                     k=decider.cur.kept[layer], actions=actions)
+                     k=decider.cur.kept[layer], actions=actions, select_in_graph=in_graph,
+                     cached_hw=cached_hw, hw=hw)
+
+
+def cached_inputs(decider: Any, plan: BlockPlan, specs: list[Any]) -> tuple[torch.Tensor, ...]:
+    """Per pruned branch, its output at the cached scale (rows as the dispatcher slices them):
+    extra inputs of a planned call, never read from the decider inside a captured graph."""
+    if plan.cached_hw is None:
+        return ()
+    return tuple(decider.cache[(plan.layer, spec.kind)][: plan.rows]
+                 for spec, a in zip(specs, plan.actions) if a == "prune_tokens")
 
 
 def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropies: tuple[Any, ...],
                        tick: Any, idx: torch.Tensor | None) -> None:
     """The dispatcher's side effects of a planned block, in its order (record, then account)."""
     sess, gen = decider.session, decider.gen
-    if plan.prunes:
+    if plan.prunes and not plan.select_in_graph:  # select_per: block keeps one choice per block
         decider.cur.indices[plan.layer] = idx
     i = 0
     for spec, action in zip(specs, plan.actions):

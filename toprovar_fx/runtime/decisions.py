@@ -22,7 +22,7 @@ import torch
 from torch.profiler import record_function
 
 from .entropy_stats import low_entropy_ratio, per_image
-from .token_ops import gather_tokens, restore_cached, restore_identity
+from .token_ops import frequency_indices, gather_tokens, restore_cached, restore_identity
 
 
 @dataclass
@@ -304,12 +304,24 @@ class Decider:
         if action == "skip":
             run.entropies.append(())
             return (x, *[inputs[i] for i in spec.escape_skip])
+        plan = run.plan
         if action == "keep":
             outs = branch(*inputs)
             x_new = x + outs[0]
         else:
-            outs = self._on_kept(spec, branch, inputs, x, run.idx)
-            x_new = restore_identity(x, run.idx, outs[0])
+            idx = run.idx
+            if plan.select_in_graph:  # from this branch's own input, as the dispatcher selects
+                idx = frequency_indices(x, plan.k)
+                if run.first_idx is None:
+                    run.first_idx = idx
+            outs = self._on_kept(spec, branch, inputs, x, idx)
+            if plan.cached_hw is None:
+                x_new = restore_identity(x, idx, outs[0])
+            else:
+                cached = run.cached[run.pruned]
+                run.pruned += 1
+                x_new = restore_cached(x, idx, outs[0], cached, plan.cached_hw, plan.hw,
+                                       self.policy.restore.interpolation)
         run.entropies.append(tuple(outs[1 + spec.n_escapes:]))
         return (x_new, *outs[1:1 + spec.n_escapes])
 
@@ -546,10 +558,8 @@ class Decider:
         tok = self.policy.token
         rows, n = int(x.shape[0]), int(x.shape[1])
         if tok.selection == "frequency":
-            # FastVAR: keep the tokens farthest from the scale's mean token
-            dist = (x - x.mean(1, keepdim=True)).pow(2).sum(-1)
-            idx = dist.topk(k, dim=1).indices
-        elif tok.selection == "random":
+            return frequency_indices(x, k)
+        if tok.selection == "random":
             g = torch.Generator(device="cpu").manual_seed(tok.seed * 100003 + tick.scale * 1009 + tick.layer)
             idx = torch.randperm(n, generator=g)[:k].to(x.device).expand(rows, k)
         else:

@@ -19,6 +19,12 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gather(t, dim, idx.view(view).expand(size))
 
 
+def frequency_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """FastVAR's selection: per row, the ``k`` tokens farthest from the mean token, sorted ``[rows, k]``."""
+    dist = (x - x.mean(1, keepdim=True)).pow(2).sum(-1)
+    return dist.topk(k, dim=1).indices.sort(dim=1).values
+
+
 def restore_identity(x: torch.Tensor, idx: torch.Tensor, delta_kept: torch.Tensor) -> torch.Tensor:
     """Pruned tokens pass unchanged: ``x`` with ``delta_kept`` added at the kept positions."""
     return x.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), delta_kept)
