@@ -100,6 +100,10 @@ def _on_cuda(example_inputs: list[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
+def _wants_cuda_graphs(settings: Settings, example_inputs: list[Any]) -> bool:
+    return (settings.cuda_graphs if settings.cuda_graphs is not None else True) and _on_cuda(example_inputs)
+
+
 def _has_runtime_calls(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in _RUNTIME_CALLS for n in gm.graph.nodes)
 
@@ -112,8 +116,7 @@ def _lower_whole(work: fx.GraphModule, example_inputs: list[Any], session: Sessi
         from torch._inductor.compile_fx import compile_fx
 
         fn = compile_fx(work, example_inputs)
-    use_graphs = settings.cuda_graphs if settings.cuda_graphs is not None else True
-    if use_graphs and _on_cuda(example_inputs) and not mutates_inputs(work.graph):
+    if _wants_cuda_graphs(settings, example_inputs) and not mutates_inputs(work.graph):
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
         fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}",
                             pool=session.graph_pool())
@@ -176,7 +179,7 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, gr
         return None
     static = [is_static_input(n) for n in placeholders]
     max_bytes = int(8 * settings.cuda_graph_max_mib * 2**20)  # K/V copies of large scales included
-    use_graphs = (settings.cuda_graphs if settings.cuda_graphs is not None else True) and _on_cuda(example_inputs)
+    use_graphs = _wants_cuda_graphs(settings, example_inputs)
 
     def wrap(fn: Callable, n_extra: int) -> Callable:
         """``fn`` replayed per input shapes; ``n_extra`` per-call inputs follow the graph's (kept

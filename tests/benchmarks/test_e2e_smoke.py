@@ -22,13 +22,9 @@ from .scripts import load_benchmark
 VARIANTS = ["eager", "observe", "toprovar"]
 
 
-def _load() -> ModuleType:
-    return load_benchmark("e2e")
-
-
 @pytest.fixture(scope="module")
 def e2e() -> ModuleType:
-    return _load()
+    return load_benchmark("e2e")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,9 @@ SCRIPT = ROOT / "benchmarks" / "fidelity.py"
 NOISE = 0.05  # SSIM margin: 3 samples, each image's SSIM varies by ~0.1 between budgets
 
 
-def _load() -> ModuleType:
-    return load_benchmark("fidelity")
-
-
 @pytest.fixture(scope="module")
 def fid() -> ModuleType:
-    return _load()
+    return load_benchmark("fidelity")
 
 
 @pytest.fixture(scope="module")

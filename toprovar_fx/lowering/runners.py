@@ -12,6 +12,11 @@ from torch.profiler import record_function
 from ..runtime.block_plans import PlanRun, apply_plan_effects, cached_inputs, plan_next_block
 
 
+def _own_outputs(outs: Any, n: int, sequence: bool) -> Any:
+    """The graph's own outputs (the first ``n``), as Dynamo expects them back."""
+    return tuple(outs[:n]) if sequence else outs[0]
+
+
 class GraphRunner:
     """Runs one compiled graph, then records the entropy outputs it returned.
 
@@ -41,7 +46,7 @@ class GraphRunner:
             key_len = int(outs[i + 1]) if with_len else None
             record(sid, outs[i], key_len=key_len, dense_variant=self.dense_variant)
             i += 2 if with_len else 1
-        return tuple(outs[:n]) if self.sequence else outs[0]
+        return _own_outputs(outs, n, self.sequence)
 
 
 class ScaleSwitchRunner:
@@ -156,4 +161,4 @@ class PlannedBlockRunner:
         if plan.select_in_graph and plan.prunes:
             extra, idx = extra[:-1], extra[-1]
         apply_plan_effects(decider, plan, specs, extra, tick, idx)
-        return True, (tuple(outs[:n]) if self.sequence else outs[0])
+        return True, _own_outputs(outs, n, self.sequence)

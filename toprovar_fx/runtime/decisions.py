@@ -127,7 +127,7 @@ class Decider:
             same = clock.layer + 1 < depth
             scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
         res = self._resolve()
-        if same and scale in gen.skipped and self_sites == 1:
+        if same and scale in gen.skipped:
             return "skip"  # the rest of a scale whose first block the dispatcher skipped
         after_d = pol.scale.mode == "skip_after_D" and gen.start_scale is not None and scale > gen.start_scale
         if res is None or scale in res.skip_scales or scale in gen.skipped or after_d:
@@ -561,20 +561,18 @@ class Decider:
             return frequency_indices(x, k)
         if tok.selection == "random":
             g = torch.Generator(device="cpu").manual_seed(tok.seed * 100003 + tick.scale * 1009 + tick.layer)
-            idx = torch.randperm(n, generator=g)[:k].to(x.device).expand(rows, k)
+            return torch.randperm(n, generator=g)[:k].to(x.device).expand(rows, k).sort(dim=1).values
+        measured = self.gen.entropy.get((tick.scale, self.policy.scale.measure_layer))
+        latest = tok.entropy_source == "latest_full" and self.latest_full is not None
+        ent = self.latest_full if latest else measured
+        last = self._selection
+        if last is not None and last[0] is ent and last[1:3] == (k, rows):
+            return last[3]  # ~5 launches and their host time saved per pruned block
+        if tok.cfg == "shared":
+            idx = per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
+            idx = idx.repeat(rows // idx.shape[0], 1) if rows % idx.shape[0] == 0 else idx[:1].expand(rows, k)
         else:
-            measured = self.gen.entropy.get((tick.scale, self.policy.scale.measure_layer))
-            latest = tok.entropy_source == "latest_full" and self.latest_full is not None
-            ent = self.latest_full if latest else measured
-            last = self._selection
-            if last is not None and last[0] is ent and last[1:3] == (k, rows):
-                return last[3]  # ~5 launches and their host time saved per pruned block
-            if tok.cfg == "shared":
-                idx = per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
-                idx = idx.repeat(rows // idx.shape[0], 1) if rows % idx.shape[0] == 0 else idx[:1].expand(rows, k)
-            else:
-                idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
-            idx = idx.sort(dim=1).values
-            self._selection = (ent, k, rows, idx)
-            return idx
-        return idx.sort(dim=1).values
+            idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
+        idx = idx.sort(dim=1).values
+        self._selection = (ent, k, rows, idx)
+        return idx

@@ -220,8 +220,7 @@ class Session:
         if observe and key not in gen.flops:
             specs = self.block_specs.get(site_id) if dense_variant and self.decider is not None else None
             if specs:
-                for spec_id in specs:
-                    self.decider._account(self.branches[spec_id], tick, "keep", int(lq))
+                self.decider.account_kept(specs)
             else:
                 self._count_flops(site, tick, kept=None)
 
