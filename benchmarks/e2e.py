@@ -44,7 +44,7 @@ import torch
 
 import toprovar_fx
 from toprovar_fx import zoo
-from toprovar_fx.policies import Policy, list_policies, load_policy
+from toprovar_fx.policies import list_policies, load_policy
 from toprovar_fx.tools.bench import environment
 
 log = logging.getLogger("e2e")
@@ -131,21 +131,16 @@ def stage_policy(base: str, stage: str) -> dict[str, Any]:
     Global layers kept, Detail layers skipped whole at scales >= D (no token selection).
     The third step, scale+layer+token, is the policy itself (variant ``toprovar``).
     """
-    d = load_policy(base).to_dict()
-    d.pop("presets", None)
-    d.pop("default_preset", None)
-    d["name"] = f"{base}-e2e-{stage.replace('_', '-')}"
     if stage == "scale":
-        d["description"] = f"{base}: scale stage only (skip every scale after D)"
-        d["scale"] = {**d["scale"], "mode": "skip_after_D"}
-        d["layer"] = {**d["layer"], "mode": "off", "frozen": None, "actions": {"global": "keep", "detail": "keep"}}
+        what = "scale stage only (skip every scale after D)"
+        overrides = {"scale": {"mode": "skip_after_D"},
+                     "layer": {"mode": "off", "frozen": None, "actions": {"global": "keep", "detail": "keep"}}}
     elif stage == "scale_layer":
-        d["description"] = f"{base}: scale + layer stages (Detail layers skipped whole from D)"
-        d["layer"] = {**d["layer"], "actions": {"global": "keep", "detail": "skip"}}
+        what = "scale + layer stages (Detail layers skipped whole from D)"
+        overrides = {"layer": {"actions": {"global": "keep", "detail": "skip"}}}
     else:
         raise ValueError(f"unknown stage {stage!r}")
-    Policy.from_dict(d, source=d["name"])  # fail here, not inside a compile
-    return d
+    return load_policy(base).derive(f"{base}-e2e-{stage.replace('_', '-')}", overrides, f"{base}: {what}")
 
 
 def model_variants(model_name: str) -> list[Variant]:

@@ -42,14 +42,9 @@ def _write(lines: list[str], out: str) -> None:
 def frozen_policy(name: str) -> dict:
     """The model's policy with D fixed and layers 2.. Detail: every run prunes the same blocks
     (planned blocks included), whatever the random weights' entropies are."""
-    d = load_policy(name).to_dict()
-    d.pop("presets", None)
-    d.pop("default_preset", None)
-    depth = d["model"]["depth"]
-    d["name"] = f"{name}-frozen-check"
-    d["scale"] = {**d["scale"], "criterion": "fixed"}
-    d["layer"] = {**d["layer"], "mode": "frozen", "frozen": {"global": [0, 1], "detail": list(range(2, depth))}}
-    return d
+    pol = load_policy(name)
+    frozen = {"global": [0, 1], "detail": list(range(2, pol.model.depth))}
+    return pol.derive(f"{name}-frozen-check", {"scale": {"criterion": "fixed"}, "layer": {"mode": "frozen", "frozen": frozen}})
 
 
 def tiny_equivalence(lines: list[str], out: str) -> None:

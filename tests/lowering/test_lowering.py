@@ -276,12 +276,8 @@ def _skip_after_d(name: str) -> dict:
     """``name``'s policy as a scale stage: D fixed at min_start_scale, every later scale skipped."""
     from toprovar_fx.policies import load_policy
 
-    d = load_policy(name).to_dict()
-    d.pop("presets", None)
-    d.pop("default_preset", None)
-    d["name"] = f"{name}-test-skip-after-d"
-    d["scale"] = {**d["scale"], "mode": "skip_after_D", "criterion": "fixed"}
-    return d
+    return load_policy(name).derive(f"{name}-test-skip-after-d",
+                                    {"scale": {"mode": "skip_after_D", "criterion": "fixed"}})
 
 
 @pytest.mark.parametrize("name,preset,policy", [

@@ -579,3 +579,16 @@ def test_docs_example_is_a_valid_policy() -> None:
     p = Policy.from_dict(yaml.safe_load(m.group(1)), source="docs/policies.md", preset="gentle")
     assert p.token.alpha_max == 0.6 and p.token.sublayers == ("ffn",)
     assert p.resolved("1024:1:1").prunable == (10, 11, 12)
+
+
+def test_derive_merges_overrides_like_a_preset_and_validates():
+    base = load_policy("infinity-2b")
+    d = base.derive("infinity-2b-variant", {"scale": {"criterion": "fixed"},
+                                             "layer": {"actions": {"detail": "skip"}}}, "a variant")
+    derived = Policy.from_dict(d)
+    assert (derived.name, derived.description) == ("infinity-2b-variant", "a variant")
+    assert derived.scale.criterion == "fixed" and derived.scale.tau == base.scale.tau  # merged, not replaced
+    assert derived.layer.actions["detail"] == "skip" and derived.layer.actions["global"] == base.layer.actions["global"]
+    assert base.scale.criterion == "rho"  # the base is untouched
+    with pytest.raises(PolicyError, match="token.alpha_max"):
+        base.derive("bad", {"token": {"alpha_max": 7}})

@@ -890,6 +890,17 @@ class Policy:
         d["fallback"] = self.fallback.to_dict()
         return d
 
+    def derive(self, name: str, overrides: Mapping[str, Any], description: str | None = None) -> dict[str, Any]:
+        """This policy with ``overrides`` deep-merged as a preset is, renamed: a validated plain
+        dict (what ``from_dict`` and the backend's ``policy`` option take), for variants of a
+        shipped policy in benchmarks and tests."""
+        d = _deep_merge(self.to_dict(), overrides)
+        d["name"] = name
+        if description is not None:
+            d["description"] = description
+        Policy.from_dict(d, source=name)  # fail here, not inside a compile
+        return d
+
     def canonical_hash(self) -> str:
         """sha256 of the canonical JSON of everything that changes behaviour (not ``name``,
         ``description``, ``source`` or ``preset``): a compile-cache key."""
