@@ -19,6 +19,7 @@ by a ``CompiledBranch`` with the same call signature and outputs; the graph is u
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -67,14 +68,8 @@ def _fresh_forward(sub: fx.GraphModule) -> Callable:
     dict of the attributes it reads (no ties to Dynamo's output module)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(sub.graph, {}))
-    attrs = {n.target: _get_attr(sub, n.target) for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    attrs = {n.target: operator.attrgetter(n.target)(sub) for n in graph.nodes if n.op in ("get_attr", "call_module")}
     return fx.GraphModule(attrs, graph).forward
-
-
-def _get_attr(mod: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def _shareable(sub: fx.GraphModule) -> bool:
