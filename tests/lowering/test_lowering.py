@@ -244,6 +244,45 @@ def test_graphs_share_one_pool_per_session_unless_private():
     assert sess.graph_pool() is sess.graph_pool() is not None
 
 
+def test_an_input_is_copied_again_only_when_it_may_have_changed():
+    """The same tensor at the same version is not copied twice into a buffer; an in-place
+    change, a new tensor, another graph's input through the shared buffer, or an
+    inference-mode tensor (no version counter) are."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    api = _FakeGraphAPI()
+    pool = SharedPool()
+    a, b = (CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool) for _ in range(2))
+    w1, w2 = torch.randn(4, 3), torch.randn(4, 3)
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+
+    def copies() -> int:
+        return sum(g.copies for c in (a, b) for g in c.graphs.values() if g is not None)
+
+    torch.testing.assert_close(a(x, w1, 0)[0], x @ w1)  # capture: one copy
+    torch.testing.assert_close(a(x, w1, 0)[0], x @ w1)
+    torch.testing.assert_close(b(x, w2, 0)[0], x @ w2)  # b's own capture copies x once
+    torch.testing.assert_close(b(x, w2, 0)[0], x @ w2)
+    base = copies()
+    x.mul_(2.0)  # in place: the version moves, so the next call copies again
+    torch.testing.assert_close(a(x, w1, 0)[0], x @ w1)
+    assert copies() == base + 1
+    torch.testing.assert_close(b(x, w2, 0)[0], x @ w2)  # the shared buffer already holds it
+    assert copies() == base + 1
+    torch.testing.assert_close(b(y, w2, 0)[0], y @ w2)  # another tensor through the shared buffer
+    torch.testing.assert_close(a(x, w1, 0)[0], x @ w1)  # so x must be copied back in
+    assert copies() == base + 3
+    same_values = x.clone()
+    torch.testing.assert_close(a(same_values, w1, 0)[0], x @ w1)
+    assert copies() == base + 4
+    with torch.inference_mode():
+        z = torch.randn(2, 4)
+    for _ in range(2):
+        torch.testing.assert_close(a(z, w1, 0)[0], z @ w1)
+    assert copies() == base + 6
+
+
 def test_a_capture_that_records_nothing_is_not_replayed():
     """An empty graph would replay nothing and leave stale outputs: the call runs directly."""
     api = _FakeGraphAPI(empty=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,18 +59,58 @@ def mutates_inputs(graph: fx.Graph) -> bool:
     return False
 
 
+class StaticInput:
+    """A static input buffer of captured graphs, and what was last copied into it.
+
+    Why: most per-call inputs of a VAR block are the same tensors for every block of a
+    generation (RoPE table, text K/V, conditioning); copying them again before each replay
+    costs a launch and a copy per input (on the H200, ``aten::copy_`` was the top host op:
+    4,729 calls per generation). A copy is skipped when the buffer still holds a copy of the
+    same tensor object at the same version. Sound because only ``refresh`` writes into the
+    buffer (captured graphs never write into their inputs, ``mutates_inputs``), and any in-place
+    write into the source bumps its version counter. Inference-mode tensors have no version
+    counter, so they are always copied.
+    """
+
+    __slots__ = ("tensor", "_source", "_version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self._source: Any = None  # weakref of the tensor last copied in
+        self._version = -1
+
+    def forget(self) -> None:
+        """The buffer's values are unknown (after a capture: outputs that alias an input hold
+        whatever the capture left there); the next ``refresh`` copies."""
+        self._source = None
+
+    def refresh(self, src: torch.Tensor) -> bool:
+        """Make the buffer hold ``src``'s values; returns whether a copy was needed."""
+        ref = self._source
+        if ref is not None and ref() is src and not src.is_inference() and src._version == self._version:
+            return False
+        self.tensor.copy_(src)
+        if src.is_inference():
+            self._source = None
+        else:
+            self._source, self._version = weakref.ref(src), src._version
+        return True
+
+
 class _Captured:
     """One CUDA graph: static input buffers, the graph, its static outputs."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[Any], copy_idx: list[int], outputs: Any):
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[Any], buffers: dict[int, StaticInput],
+                 outputs: Any):
         self.graph = graph
-        self.inputs = inputs
-        self.copy_idx = copy_idx
+        self.inputs = inputs  # what the graph was captured with: buffers' tensors and static inputs
+        self.buffers = buffers  # argument position -> its static buffer
         self.outputs = outputs
+        self.copies = 0  # copies made before replays (skipped ones not counted)
 
     def run(self, args: Sequence[Any]) -> Any:
-        for i in self.copy_idx:
-            self.inputs[i].copy_(args[i])
+        for i, buf in self.buffers.items():
+            self.copies += buf.refresh(args[i])
         self.graph.replay()
         out = self.outputs
         if isinstance(out, (tuple, list)):
@@ -78,6 +119,10 @@ class _Captured:
 
 
 _UNSEEN = object()
+
+
+def _empty_like_layout(like: torch.Tensor) -> StaticInput:
+    return StaticInput(torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device))
 
 
 class SharedPool:
@@ -101,20 +146,19 @@ class SharedPool:
 
     def __init__(self) -> None:
         self.handle: Any = None
-        self.buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.buffers: dict[tuple[Any, ...], StaticInput] = {}
 
     def get(self, api: Any) -> Any:
         if self.handle is None:
             self.handle = api.graph_pool_handle()
         return self.handle
 
-    def input_buffer(self, position: int, like: torch.Tensor) -> torch.Tensor:
+    def input_buffer(self, position: int, like: torch.Tensor) -> StaticInput:
         """The shared static buffer for argument ``position`` of ``like``'s layout."""
         key = (position, tuple(like.shape), like.stride(), like.dtype, like.device)
         buf = self.buffers.get(key)
         if buf is None:
-            buf = self.buffers[key] = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype,
-                                                          device=like.device)
+            buf = self.buffers[key] = _empty_like_layout(like)
         return buf
 
 
@@ -182,15 +226,14 @@ class CudaGraphCache:
         return entry
 
     def _capture(self, args: Sequence[Any]) -> _Captured | None:
-        copy_idx = [i for i in self.dynamic_idx if isinstance(args[i], torch.Tensor)]
         inputs = list(args)
-        for i in copy_idx:
+        buffers: dict[int, StaticInput] = {}
+        for i in self.dynamic_idx:
             a = args[i]
-            if self.pool is not None:
-                inputs[i] = self.pool.input_buffer(i, a)
-            else:
-                inputs[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
-            inputs[i].copy_(a)
+            if isinstance(a, torch.Tensor):
+                buffers[i] = self.pool.input_buffer(i, a) if self.pool is not None else _empty_like_layout(a)
+                buffers[i].refresh(a)
+                inputs[i] = buffers[i].tensor
         try:
             # warm-up on a side stream (lazy initialisation, autotuning), as CUDA graphs require
             api = self.api
@@ -209,6 +252,8 @@ class CudaGraphCache:
             log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
                         self.disabled)
             return None
+        for buf in buffers.values():
+            buf.forget()
         empty = False
         for w in caught:
             if "CUDA Graph is empty" in str(w.message):
@@ -223,4 +268,4 @@ class CudaGraphCache:
             log.info("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
-        return _Captured(graph, inputs, copy_idx, outputs)
+        return _Captured(graph, inputs, buffers, outputs)
