@@ -357,6 +357,44 @@ def test_planned_blocks_change_nothing(name, preset, policy):
     assert max_rel_diff(b, a) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["var-tiny-fastvar-released", "infinity-tiny-fastvar-released"])
+def test_the_cached_scale_is_planned_and_caches_the_same_outputs(monkeypatch, name):
+    """restore.mode cached_scale: after the scale's first block, the blocks of the cached scale run
+    planned (no dispatcher ``_keep``), and the branch outputs the decider keeps are the dispatcher's."""
+    from toprovar_fx.runtime.decisions import Decider
+
+    family = name.removesuffix("-fastvar-released")
+    m = model(family)
+    call = sampler_call(family, 1)
+    kept_at: list[tuple[int, int]] = []
+    keep = Decider._keep
+
+    def counting_keep(self, spec, branch, inputs, x, tick):
+        res = self._restore_scale()
+        if tick is not None and res is not None and res.cached_scale == tick.scale:
+            kept_at.append((tick.scale, tick.layer))
+        return keep(self, spec, branch, inputs, x, tick)
+
+    monkeypatch.setattr(Decider, "_keep", counting_keep)
+    caches = {}
+    for planned in (False, True):
+        torch._dynamo.reset()
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                             options={"policy": name, "planned_blocks": planned})
+        call(fast)
+        kept_at.clear()
+        call(fast)
+        caches[planned] = ({k: v.clone() for k, v in last_session().decider.cache.items()}, set(kept_at))
+    (ref, ref_layers), (got, got_layers) = caches[False], caches[True]
+    depth = max(layer for _, layer in ref_layers) + 1
+    assert {layer for _, layer in ref_layers} == set(range(depth))  # the dispatcher ran every block there
+    assert {layer for _, layer in got_layers} == {0}  # planned: only the scale's first block
+    assert ref.keys() == got.keys()
+    assert len(ref) == depth * len({kind for _, kind in ref}) >= 2 * depth  # every branch of every layer
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
 def _replayable(fn):
     """``fn`` as a stand-in capture sees it: a replay reruns it on the graph's static inputs and
     writes into the outputs of the capture run (poisoned with NaN until then)."""

@@ -109,16 +109,17 @@ class PlannedBlockRunner:
 
     def _planned_fn(self, *args_and_extra: Any) -> tuple[Any, ...]:
         """The graph's arguments, then the kept indices (None: none, or selected in the graph),
-        then the cached-scale outputs; returns the graph's outputs, the entropies, and the first
-        in-graph selection if there is one."""
+        then the cached-scale outputs; returns the graph's outputs, the entropies, the first
+        in-graph selection if there is one, and the kept branches' outputs if the plan records
+        the cached scale."""
         run = self.session.decider.plan_run
         n = len(args_and_extra) - 1 - len(run.cached)
         run.idx, run.cached = args_and_extra[n], tuple(args_and_extra[n + 1:])
-        run.step, run.pruned, run.first_idx, run.entropies = 0, 0, None, []
+        run.step, run.pruned, run.first_idx, run.entropies, run.deltas = 0, 0, None, [], []
         outs = self.fn(*args_and_extra[:n])
         outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
         first = (run.first_idx,) if run.first_idx is not None else ()
-        return (*outs, *[e for ents in run.entropies for e in ents], *first)
+        return (*outs, *[e for ents in run.entropies for e in ents], *first, *run.deltas)
 
     def try_call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         session = self.session
@@ -158,7 +159,11 @@ class PlannedBlockRunner:
         session.planned_calls += 1
         n = self.n_outputs
         extra = tuple(outs[n:])
+        deltas: tuple[Any, ...] = ()
+        if plan.record_cache:
+            n_kept = plan.actions.count("keep")
+            extra, deltas = extra[:-n_kept], extra[-n_kept:]
         if plan.select_in_graph and plan.prunes:
             extra, idx = extra[:-1], extra[-1]
-        apply_plan_effects(decider, plan, specs, extra, tick, idx)
+        apply_plan_effects(decider, plan, specs, extra, tick, idx, deltas)
         return True, _own_outputs(outs, n, self.sequence)

@@ -16,7 +16,8 @@ prunes tokens, with no CFG reuse and either ``select_per: block`` (one kept set 
 selected before the call from the block's input) or FastVAR's ``select_per: sublayer`` with
 frequency selection (each pruned branch selects from its own input inside the graph, as the
 dispatcher does), and identity or cached-scale restore (the cached outputs are inputs of the
-call, never read from the decider inside a captured graph). Everything else keeps running
+call, never read from the decider inside a captured graph); and a kept block of the cached scale
+itself (its branch outputs are outputs of the call, which the decider keeps). Everything else keeps running
 through the dispatcher.
 """
 
@@ -44,6 +45,9 @@ class BlockPlan:
     # restore.mode cached_scale: the cached scale's token grid and this scale's (None: identity)
     cached_hw: tuple[int, int] | None = None
     hw: tuple[int, int] | None = None
+    # the cached scale of restore.mode cached_scale: the kept branches' outputs are returned and
+    # kept by the decider, as the dispatcher's ``_keep`` does
+    record_cache: bool = False
 
     @property
     def prunes(self) -> bool:
@@ -52,7 +56,7 @@ class BlockPlan:
     @property
     def signature(self) -> tuple[Any, ...]:
         """What the captured computation depends on beyond its inputs' shapes."""
-        return self.actions, self.select_in_graph, self.cached_hw, self.hw
+        return self.actions, self.select_in_graph, self.cached_hw, self.hw, self.record_cache
 
 
 @dataclass
@@ -66,6 +70,7 @@ class PlanRun:
     pruned: int = 0  # pruned branches run so far
     first_idx: torch.Tensor | None = None  # the block's first in-graph selection (returned by the graph)
     entropies: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    deltas: list[torch.Tensor] = field(default_factory=list)  # kept branches' outputs (record_cache)
 
 
 def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
@@ -73,13 +78,14 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
     if not specs:
         return None
     action = decider.next_block_action(1)
-    if action not in ("prune_tokens", "skip"):
-        return None  # either implies a decided scale whose next block is in the same scale
+    if action not in ("prune_tokens", "skip", "cache"):
+        return None  # each implies a resolved scale whose next block is in the same scale
     clock, gen = decider.session.clock, decider.gen
     scale, layer = clock.scale, clock.layer + 1
-    if action == "skip":  # every branch skipped: nothing selected, restored or recorded
+    if action in ("skip", "cache"):  # skip: nothing selected, restored or recorded
         return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows, k=0,
-                         actions=("skip",) * len(specs))
+                         actions=(action if action == "skip" else "keep",) * len(specs),
+                         record_cache=action == "cache")
     pol, tok = decider.policy, decider.policy.token
     per_block = tok.select_per == "block" and tok.selection in ("entropy", "random", "frequency")
     in_graph = tok.select_per == "sublayer" and tok.selection == "frequency"
@@ -110,16 +116,21 @@ def cached_inputs(decider: Any, plan: BlockPlan, specs: list[Any]) -> tuple[torc
 
 
 def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropies: tuple[Any, ...],
-                       tick: Any, idx: torch.Tensor | None) -> None:
-    """The dispatcher's side effects of a planned block, in its order (record, then account)."""
+                       tick: Any, idx: torch.Tensor | None, cached_deltas: tuple[Any, ...] = ()) -> None:
+    """The dispatcher's side effects of a planned block, in its order (cache, record, account).
+    ``cached_deltas``: per kept branch, its output, when the plan records the cached scale."""
     sess, gen = decider.session, decider.gen
     if plan.prunes and not plan.select_in_graph:  # select_per: block keeps one choice per block
         decider.cur.indices[plan.layer] = idx
     i = 0
+    deltas = iter(cached_deltas)
     for spec, action in zip(specs, plan.actions):
         if action == "skip":  # nothing recorded, nothing run
             decider._account(spec, tick, "skip", 0)
             continue
+        if plan.record_cache:
+            decider.cache[(tick.layer, spec.kind)] = next(deltas)
+            decider.cached_hw = gen.hw[tick.scale]
         ents = entropies[i:i + len(spec.site_ids)]
         i += len(spec.site_ids)
         full = action == "keep"

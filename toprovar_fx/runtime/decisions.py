@@ -98,7 +98,8 @@ class Decider:
     def next_block_action(self, self_sites: int, mixed: bool = False) -> str | None:
         """What the dispatcher will do to every branch of the next call of a graph holding
         ``self_sites`` self-attentions: ``keep``, ``prune_tokens`` (a Detail layer of a decided,
-        active scale that keeps fewer than all tokens), ``skip`` (a skipped layer of a decided
+        active scale that keeps fewer than all tokens), ``cache`` (a kept block of the scale
+        whose branch outputs ``restore.mode: cached_scale`` keeps), ``skip`` (a skipped layer of a decided
         scale, or a block after the first of a skipped scale) or None (not known in advance, or
         mixed).
         ``mixed``: the graph ends the running block and starts the next (a block split over
@@ -134,8 +135,16 @@ class Decider:
             return None
         if res.reuse_cond_from is not None and scale >= res.reuse_cond_from:
             return None
+        action = self._block_action(res, scale, layer, same)
         if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
-            return None
+            # the dispatcher keeps the branch outputs of a kept block here: the dense variant
+            # cannot, a planned block can (``cache``); anything else at this scale is its own
+            return "cache" if action == "keep" and same else None
+        return action
+
+    def _block_action(self, res, scale: int, layer: int, same: bool) -> str | None:
+        """``next_block_action`` for a one-block graph once the scale-level cases are settled."""
+        pol, gen = self.policy, self.gen
         if self._needs_entropy and layer <= pol.scale.measure_layer:
             return "keep"
         cur = self.cur
@@ -308,6 +317,8 @@ class Decider:
         if action == "keep":
             outs = branch(*inputs)
             x_new = x + outs[0]
+            if plan.record_cache:
+                run.deltas.append(outs[0])
         else:
             idx = run.idx
             if plan.select_in_graph:  # from this branch's own input, as the dispatcher selects
