@@ -74,6 +74,11 @@ COMPILE_PRIOR_S = {
     "cuda": {"eager": 5.0, "inductor": 150.0, "toprovar_inductor": 120.0, "toprovar_fx": 60.0},
     "cpu": {"eager": 1.0, "inductor": 120.0, "toprovar_inductor": 20.0, "toprovar_fx": 15.0},
 }
+# The run's first toprovar variant also compiles what later ones share (the FAE kernels, Inductor's
+# cached block kernels): on the H200 (2026-11-29, Infinity-2B) it took 110 s and the four after it
+# 27-31 s. Estimating those from the first made the Infinity-8B run skip two variants with 169 s
+# unused; a compile that overruns is aborted at its deadline anyway.
+LATER_TOPROVAR_FRACTION = 0.5
 PROFILE_OVERHEAD_S = {"cuda": 6.0, "cpu": 1.0}  # trace export and parsing, per profiled generation
 # A timed or profiled call that outlives the budget by this much is aborted (the numbers so far stay).
 GRACE_S = 30.0
@@ -557,8 +562,13 @@ class Bench:
         return run_generation(run.fn, self.call_b1, self.marks, self.device, **kw)
 
     def compile_estimate(self, run: VariantRun) -> float:
-        """First-call seconds: measured for this cost class, else dense Inductor's for observe, else the prior."""
+        """First-call seconds: measured for this cost class, else dense Inductor's for observe, else the prior;
+        a toprovar variant after the run's first one gets ``LATER_TOPROVAR_FRACTION`` of that one's."""
         cls = run.variant.cost_class(self.device)
+        first_toprovar = next((r.first_call_ms for r in self.runs
+                               if r.variant.kind == "toprovar" and r.first_call_ms is not None), None)
+        if run.variant.kind == "toprovar" and first_toprovar is not None:
+            return LATER_TOPROVAR_FRACTION * 1.1 * first_toprovar / 1e3
         if cls in self.estimates:
             return self.estimates[cls]
         if cls == "toprovar_inductor" and "inductor" in self.estimates:

@@ -168,3 +168,22 @@ def test_summarize_trace_segments(e2e: ModuleType) -> None:
     cpu = e2e.summarize_trace(events, 2, gpu=False)
     assert cpu["launches"] is None and cpu["busy_ms"] is None
     assert e2e.summarize_trace(events, 3, gpu=True)["launches"] is None  # marks != scales: no per-scale split
+
+
+def test_later_toprovar_variants_are_estimated_from_the_first(e2e: ModuleType) -> None:
+    """The first toprovar variant pays the shared compile: later ones get a fraction of its time,
+    other kinds keep their own estimates (measured for the class, else the prior)."""
+    runs = {v.key: e2e.VariantRun(v) for v in e2e.model_variants("infinity-2b")}
+    b = e2e.Bench(name="infinity-2b", model=None, device="cuda", schedule=[], marks=None, call_b1=None,
+                  runs=list(runs.values()), budget=None, args=None)
+    prior = e2e.COMPILE_PRIOR_S["cuda"]
+    assert b.compile_estimate(runs["fastvar"]) == prior["toprovar_fx"]
+    assert b.compile_estimate(runs["observe"]) == prior["toprovar_inductor"]
+    runs["toprovar"].first_call_ms = 136_000.0
+    b.estimates["toprovar_fx"] = 1.1 * 136.0
+    b.estimates["inductor"] = 1.1 * 116.0
+    later = e2e.LATER_TOPROVAR_FRACTION * 1.1 * 136.0
+    assert b.compile_estimate(runs["fastvar"]) == pytest.approx(later)
+    assert b.compile_estimate(runs["observe"]) == pytest.approx(later)
+    assert b.compile_estimate(runs["inductor"]) == pytest.approx(1.1 * 116.0)
+    assert b.compile_estimate(runs["eager"]) == prior["eager"]
