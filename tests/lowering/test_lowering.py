@@ -319,11 +319,23 @@ def _skip_after_d(name: str) -> dict:
                                     {"scale": {"mode": "skip_after_D", "criterion": "fixed"}})
 
 
+def _cached_restore(name: str) -> dict:
+    """``name``'s entropy policy with FastVAR's restoration from the scale before its earliest D."""
+    from toprovar_fx.policies import load_policy
+
+    return load_policy(name).derive(f"{name}-test-cached-restore",
+                                    {"restore": {"mode": "cached_scale", "cached_scale": -4}})
+
+
+_VARIANTS = {"skip-after-d": _skip_after_d, "cached-restore": _cached_restore}
+
+
 @pytest.mark.parametrize("name,preset,policy", [
     ("var-tiny", None, None), ("infinity-tiny", None, None), ("var-tiny", "quality", None),
     ("var-tiny", "fast", None),  # Detail layers skipped whole: planned skips
     ("infinity-tiny", "fast", None),
     ("var-tiny", None, "skip-after-d"),  # whole scales skipped: the blocks after each scale's first
+    ("var-tiny", None, "cached-restore"),  # entropy policy, FastVAR's restore: the cached scale is planned
     ("var-tiny-fastvar-released", None, None),  # per-sublayer frequency selection, cached-scale restore
     ("infinity-tiny-fastvar-released", None, None),
 ])
@@ -335,7 +347,7 @@ def test_planned_blocks_change_nothing(name, preset, policy):
     results = {}
     for planned in (False, True):
         torch._dynamo.reset()
-        opts = ({"policy": _skip_after_d(name) if policy else name, "planned_blocks": planned}
+        opts = ({"policy": _VARIANTS[policy](name) if policy else name, "planned_blocks": planned}
                 | ({"preset": preset} if preset else {}))
         fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
         call(fast)
@@ -352,8 +364,10 @@ def test_planned_blocks_change_nothing(name, preset, policy):
     (a, runs_off, *rest_off), (b, runs_on, *rest_on) = results[False], results[True]
     assert runs_off == 0 and runs_on > 0  # the planned path ran, and only when asked for
     assert rest_on == rest_off
-    if preset == "fast" or policy:  # those planned blocks were skips
+    if preset == "fast" or policy == "skip-after-d":  # those planned blocks were skips
         assert any(action == "skip" for sc in rest_on[2] for action, _, _ in sc)
+    if policy == "cached-restore":  # tokens were pruned and restored from the cached scale
+        assert rest_on[1] < 1.0 and any(action == "prune_tokens" for sc in rest_on[2] for action, _, _ in sc)
     assert max_rel_diff(b, a) <= 1e-5
 
 
