@@ -181,6 +181,9 @@ def model_variants(model_name: str) -> list[Variant]:
         ("toprovar_nocg", f"toprovar {main}, no CUDA graphs", "toprovar",
          f"policy `{main}` with `cuda_graphs: False` (what the backend's own CUDA graphs contribute)",
          lambda: {"policy": policy_or_missing(main), "cuda_graphs": False}, True),
+        ("toprovar_lend", f"toprovar {main}, lent CUDA-graph outputs", "toprovar",
+         f"policy `{main}` with `cuda_graph_lend_outputs: True` (outputs handed out without clones, read in place "
+         "by the next graph)", lambda: {"policy": policy_or_missing(main), "cuda_graph_lend_outputs": True}, True),
         ("cudagraphs", "dense Inductor + CUDA graphs", "inductor",
          '`torch.compile(sampler, mode="reduce-overhead")`', lambda: {"mode": "reduce-overhead"}, False),
         ("scale", "toprovar stage: scale", "toprovar",
@@ -206,7 +209,7 @@ def model_variants(model_name: str) -> list[Variant]:
 
 # display order of the tables (the rotation order of the timed rounds too)
 DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "scale", "scale_layer", "toprovar_nocg",
-                 "toprovar_noplan", "toprovar")
+                 "toprovar_noplan", "toprovar_lend", "toprovar")
 VARIANT_KEYS = DISPLAY_ORDER
 
 
@@ -1161,7 +1164,7 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
                   "Max |difference| of the decoded images over the max |value| of the reference, and the "
                   "first scale whose logits (one more generation after warm-up) differ at all. Variants "
                   "that take the same decisions by different routes (`toprovar`, `toprovar_noplan`, "
-                  "`toprovar_nocg`) run the same kernels on the same tokens, so they should agree with "
+                  "`toprovar_nocg`, `toprovar_lend`) run the same kernels on the same tokens, so they should agree with "
                   "`toprovar` exactly or to rounding; pruned variants differ from dense by design.", ""]
         def cell(d: dict[str, Any] | None) -> str:
             if not d:

@@ -119,7 +119,7 @@ def _lower_whole(work: fx.GraphModule, example_inputs: list[Any], session: Sessi
     if _wants_cuda_graphs(settings, example_inputs) and not mutates_inputs(work.graph):
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
         fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}",
-                            pool=session.graph_pool())
+                            pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs)
     return fn
 
 
@@ -187,7 +187,7 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, gr
         if not use_graphs:
             return fn
         return CudaGraphCache(fn, static + [False] * n_extra, max_bytes, name=f"planned block of graph {graph_id}",
-                              pool=session.graph_pool())
+                              pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs)
 
     return PlannedBlockRunner(session, work.forward, list(ctx.spec_ids), placeholders.index(first.x),
                               ctx.n_outputs, ctx.outputs_sequence, wrap)

@@ -35,6 +35,9 @@ class Settings:
     cuda_graph_max_mib: float = 64.0
     # One memory pool for all CUDA graphs of a session ("shared") or one per graph ("private").
     cuda_graph_pool: str = "shared"
+    # Hand CUDA-graph outputs out as aliases instead of clones, and let a graph read another
+    # graph's output in place (no copy); a graph whose output is still held runs without replay.
+    cuda_graph_lend_outputs: bool = False
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
     # CUDA graphs per decision signature (runtime/block_plans.py).
     planned_blocks: bool = True
@@ -62,6 +65,8 @@ _OPTION_DOCS = {
     "cuda_graphs": "bool: replay small graphs (early scales) from CUDA graphs (default: on for CUDA)",
     "cuda_graph_max_mib": "number > 0: largest per-call input size (MiB) replayed from a CUDA graph",
     "cuda_graph_pool": "shared | private: one CUDA-graph memory pool per session (default) or per graph",
+    "cuda_graph_lend_outputs": "bool: hand CUDA-graph outputs out without a clone and read them in place "
+                               "in the next graph (default off; needs cuda_graph_pool: shared)",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
                       "(default on)",
     "strict": "bool: raise instead of falling back to dense",
@@ -85,7 +90,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         raise ValueError(f"toprovar: option 'mode' must be one of {VALID_MODES}, got {mode!r}")
     if mode == "prune" and options.get("policy") is None:
         raise ValueError("toprovar: option mode='prune' needs option 'policy' (a name, YAML path or dict)")
-    for key in ("inductor", "strict", "cuda_graphs", "planned_blocks"):
+    for key in ("inductor", "strict", "cuda_graphs", "planned_blocks", "cuda_graph_lend_outputs"):
         val = options.get(key)
         if val is not None and not isinstance(val, bool):
             raise ValueError(f"toprovar: option {key!r} must be a bool, got {val!r}")
@@ -116,6 +121,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graphs=options.get("cuda_graphs"),
         cuda_graph_max_mib=float(max_mib),
         cuda_graph_pool=pool,
+        cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", False)),
         planned_blocks=bool(options.get("planned_blocks", True)),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,

@@ -283,6 +283,47 @@ def test_an_input_is_copied_again_only_when_it_may_have_changed():
     assert copies() == base + 6
 
 
+def test_lent_outputs_are_read_in_place_and_never_overwritten_while_held():
+    """cuda_graph_lend_outputs: a graph's output goes out as an alias, the next graph reads it in
+    place (no copy); while a caller holds an output (or a view of it), its graph runs without
+    replay, so the held values never change."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    api = _FakeGraphAPI()
+    pool = SharedPool()
+    first, second = (CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api,
+                                    device_type="cpu", pool=pool, lend=True) for _ in range(2))
+    w1, w2 = torch.randn(4, 4), torch.randn(4, 4)
+
+    def chain(x):
+        h, _ = first(x, w1, 0)
+        out, _ = second(h, w2, 1)
+        return h, out
+
+    x = torch.randn(2, 4)
+    chain(x)  # captures both graphs; the second is captured on the first's output
+    (g1,), (g2,) = first.graphs.values(), second.graphs.values()
+    assert g2.borrowed and not g2.buffers.get(0)  # position 0 is read in place
+    for _ in range(3):
+        x = torch.randn(2, 4)
+        h, out = chain(x)
+        torch.testing.assert_close(h, x @ w1)
+        torch.testing.assert_close(out, (x @ w1) @ w2 + 1)
+        del h, out
+    assert g2.copies == 0 and g1.busy == g2.busy == 0
+    replays = first.replays
+    held, _ = first(x, w1, 0)
+    view = held[:1]
+    del held
+    y = torch.randn(2, 4)
+    torch.testing.assert_close(first(y, w1, 0)[0], y @ w1)  # runs without the graph: view still held
+    torch.testing.assert_close(view, (x @ w1)[:1])
+    assert first.replays == replays + 1 and g1.busy == 1
+    h = first(y, w1, 0)[0]  # the busy call's output is an ordinary tensor, not the lender's memory
+    torch.testing.assert_close(second(h + 0, w2, 1)[0], (y @ w1) @ w2 + 1)  # elsewhere: runs without
+    assert g2.busy == 1
+
+
 def test_a_capture_that_records_nothing_is_not_replayed():
     """An empty graph would replay nothing and leave stale outputs: the call runs directly."""
     api = _FakeGraphAPI(empty=True)
@@ -434,9 +475,10 @@ def _replayable(fn):
     return wrapped
 
 
-@pytest.mark.parametrize("name,preset", [("var-tiny", None), ("infinity-tiny", None), ("var-tiny", "fast"),
-                                         ("var-tiny-fastvar-released", None)])
-def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name, preset):
+@pytest.mark.parametrize("name,preset,lend", [("var-tiny", None, False), ("infinity-tiny", None, False),
+                                              ("var-tiny", "fast", False), ("var-tiny-fastvar-released", None, False),
+                                              ("infinity-tiny", None, True), ("var-tiny-fastvar-released", None, True)])
+def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name, preset, lend):
     """Every graph the backend would capture on a GPU (dense variants, planned blocks) is
     "captured" by the stand-in API and replayed: logits and decisions stay those of the plain path."""
     import toprovar_fx.backend as backend
@@ -454,20 +496,23 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     api = _FakeGraphAPI()
     made: list[CudaGraphCache] = []
 
-    def cache(fn, static, max_bytes, name="graph", pool=None):
+    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False):
         made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu",
-                                   pool=pool))
+                                   pool=pool, lend=lend))
         return made[-1]
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)
     monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"policy": name, "inductor": False, "planned_blocks": True} | extra)
+                         options={"policy": name, "inductor": False, "planned_blocks": True,
+                                  "cuda_graph_lend_outputs": lend} | extra)
     call(fast)
     _, got = call(fast)
     rep = toprovar_fx.last_generation()
     assert api.captures > 0 and sum(c.replays for c in made) > api.captures  # graphs were replayed
+    entries = [e for c in made for e in c.graphs.values() if e is not None]
+    assert (sum(len(e.borrowed) for e in entries) > 0) == lend  # graphs read lent outputs in place
     assert last_session().planned_calls > 0
     assert api.handles == 1 and set(api.pools) == {("pool", 1)}  # one memory pool for the session's graphs
     assert (rep.start_scale, rep.flop_ratio) == (ref_rep.start_scale, ref_rep.flop_ratio)

@@ -97,25 +97,60 @@ class StaticInput:
         return True
 
 
+def _use_count(t: torch.Tensor) -> int:
+    """References to ``t``'s storage (tensors and views sharing it), plus one for the lookup."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
 class _Captured:
-    """One CUDA graph: static input buffers, the graph, its static outputs."""
+    """One CUDA graph: static input buffers, the graph, its static outputs.
+
+    ``lent``: indices of outputs handed out as aliases of the static output instead of clones
+    (option ``cuda_graph_lend_outputs``). Before a replay, every lent output's storage must be
+    back to the references it had right after the capture (nobody holds an alias or a view),
+    and every borrowed input (``borrowed``: position -> address of another graph's lent output
+    the graph was captured on) must be at that address; otherwise ``run`` returns ``BUSY`` and the
+    call runs without the graph, so a replay never overwrites what a caller still holds.
+    """
 
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[Any], buffers: dict[int, StaticInput],
-                 outputs: Any):
+                 outputs: Any, lent: frozenset[int] = frozenset(), borrowed: dict[int, int] | None = None):
         self.graph = graph
         self.inputs = inputs  # what the graph was captured with: buffers' tensors and static inputs
         self.buffers = buffers  # argument position -> its static buffer
         self.outputs = outputs
         self.copies = 0  # copies made before replays (skipped ones not counted)
+        self.lent = lent
+        self.borrowed = borrowed or {}
+        self._flat = flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        self.watch = [(flat[i], _use_count(flat[i])) for i in sorted(lent)]
+        self.busy = 0  # calls that ran without the graph because a lent output was still held
+
+    def expect_held(self, position: int, extra: int) -> None:
+        """``extra`` more references to output ``position`` are held for good (by a capture)."""
+        if extra > 0:
+            self.watch = [(o, base + extra if o is self._flat[position] else base) for o, base in self.watch]
 
     def run(self, args: Sequence[Any]) -> Any:
+        if any(_use_count(o) != base for o, base in self.watch) or any(
+                args[i].data_ptr() != ptr for i, ptr in self.borrowed.items()):
+            self.busy += 1
+            return BUSY
         for i, buf in self.buffers.items():
             self.copies += buf.refresh(args[i])
         self.graph.replay()
         out = self.outputs
         if isinstance(out, (tuple, list)):
-            return type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
-        return out.clone() if isinstance(out, torch.Tensor) else out
+            return type(out)(self._hand_out(i, o) for i, o in enumerate(out))
+        return self._hand_out(0, out)
+
+    def _hand_out(self, i: int, o: Any) -> Any:
+        if not isinstance(o, torch.Tensor):
+            return o
+        return o.detach() if i in self.lent else o.clone()
+
+
+BUSY = object()  # _Captured.run: the graph cannot replay now; run the call without it
 
 
 _UNSEEN = object()
@@ -147,15 +182,23 @@ class SharedPool:
     def __init__(self) -> None:
         self.handle: Any = None
         self.buffers: dict[tuple[Any, ...], StaticInput] = {}
+        # address -> (layout, owning graph, output position) of every lent static output (option
+        # cuda_graph_lend_outputs): a later capture that gets such a tensor as input reads it in
+        # place instead of copying it
+        self.lent: dict[int, tuple[Any, ...]] = {}
 
     def get(self, api: Any) -> Any:
         if self.handle is None:
             self.handle = api.graph_pool_handle()
         return self.handle
 
+    @staticmethod
+    def layout(t: torch.Tensor) -> tuple[Any, ...]:
+        return tuple(t.shape), t.stride(), t.dtype, t.device
+
     def input_buffer(self, position: int, like: torch.Tensor) -> StaticInput:
         """The shared static buffer for argument ``position`` of ``like``'s layout."""
-        key = (position, tuple(like.shape), like.stride(), like.dtype, like.device)
+        key = (position, *self.layout(like))
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = _empty_like_layout(like)
@@ -175,9 +218,10 @@ class CudaGraphCache:
 
     def __init__(self, fn: Callable, static: Sequence[bool], max_bytes: int, name: str = "graph",
                  max_graphs: int = 4096, api: Any = None, device_type: str = "cuda",
-                 pool: SharedPool | None = None):
+                 pool: SharedPool | None = None, lend: bool = False):
         self.fn = fn
         self.pool = pool  # None: a private pool per captured graph
+        self.lend = lend and pool is not None  # lending needs the session's registry of lent outputs
         # the CUDA graph API and the device it captures on; tests pass a stand-in to check the
         # data flow (copies in, replay, clones out) on machines without a GPU
         self.api = torch.cuda if api is None else api
@@ -203,8 +247,10 @@ class CudaGraphCache:
             if entry is _UNSEEN:
                 entry = self._first_sight(key, args)
             if entry is not None:
-                self.replays += 1
-                return entry.run(args)
+                out = entry.run(args)
+                if out is not BUSY:
+                    self.replays += 1
+                    return out
         return self.fn(*args)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
@@ -228,12 +274,19 @@ class CudaGraphCache:
     def _capture(self, args: Sequence[Any]) -> _Captured | None:
         inputs = list(args)
         buffers: dict[int, StaticInput] = {}
+        borrowed: dict[int, int] = {}
         for i in self.dynamic_idx:
             a = args[i]
-            if isinstance(a, torch.Tensor):
-                buffers[i] = self.pool.input_buffer(i, a) if self.pool is not None else _empty_like_layout(a)
-                buffers[i].refresh(a)
-                inputs[i] = buffers[i].tensor
+            if not isinstance(a, torch.Tensor):
+                continue
+            lender = self.pool.lent.get(a.data_ptr()) if self.lend else None
+            if lender is not None and lender[0] == self.pool.layout(a):
+                borrowed[i] = a.data_ptr()  # another graph's static output: read in place
+                inputs[i] = a.detach()  # our own alias, to see whether the capture keeps it
+                continue
+            buffers[i] = self.pool.input_buffer(i, a) if self.pool is not None else _empty_like_layout(a)
+            buffers[i].refresh(a)
+            inputs[i] = buffers[i].tensor
         try:
             # warm-up on a side stream (lazy initialisation, autotuning), as CUDA graphs require
             api = self.api
@@ -268,4 +321,27 @@ class CudaGraphCache:
             log.info("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
-        return _Captured(graph, inputs, buffers, outputs)
+        lent = self._lendable(outputs, inputs) if self.lend else frozenset()
+        for i in borrowed:
+            # Held here it would count as an outside reference to the lender's output; if the
+            # captured function itself kept the alias (a stand-in API replaying in Python does),
+            # the lender's count of references it expects grows by what stays held.
+            alias, inputs[i] = inputs[i], None
+            with_alias = _use_count(args[i])
+            del alias
+            owner, position = self.pool.lent[borrowed[i]][1:]
+            owner.expect_held(position, 1 - (with_alias - _use_count(args[i])))  # 1: the alias lives on
+        captured = _Captured(graph, inputs, buffers, outputs, lent, borrowed)
+        for i in lent:
+            o = outputs[i] if isinstance(outputs, (tuple, list)) else outputs
+            self.pool.lent[o.data_ptr()] = (self.pool.layout(o), captured, i)
+        return captured
+
+    @staticmethod
+    def _lendable(outputs: Any, inputs: Sequence[Any]) -> frozenset[int]:
+        """Outputs that may be handed out without a clone: tensors sharing no storage with an
+        input (a shared input buffer is rewritten by other graphs' calls, a parameter is not ours)."""
+        flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        return frozenset(i for i, o in enumerate(flat)
+                         if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in taken)
