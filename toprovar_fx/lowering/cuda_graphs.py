@@ -120,20 +120,23 @@ class _Captured:
         self.buffers = buffers  # argument position -> its static buffer
         self.outputs = outputs
         self.copies = 0  # copies made before replays (skipped ones not counted)
-        self.lent = lent
         self.borrowed = borrowed or {}
-        self._flat = flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        self.watch = [(flat[i], _use_count(flat[i])) for i in sorted(lent)]
+        self._flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        # lent output position -> the references to its storage while nobody outside holds it
+        self.watch = {i: _use_count(self._flat[i]) for i in lent}
         self.busy = 0  # calls that ran without the graph because a lent output was still held
 
     def expect_held(self, position: int, extra: int) -> None:
         """``extra`` more references to output ``position`` are held for good (by a capture)."""
-        if extra > 0:
-            self.watch = [(o, base + extra if o is self._flat[position] else base) for o, base in self.watch]
+        self.watch[position] += max(extra, 0)
+
+    def _blocked(self, args: Sequence[Any]) -> bool:
+        flat = self._flat
+        return (any(_use_count(flat[i]) != base for i, base in self.watch.items())
+                or any(args[i].data_ptr() != ptr for i, ptr in self.borrowed.items()))
 
     def run(self, args: Sequence[Any]) -> Any:
-        if any(_use_count(o) != base for o, base in self.watch) or any(
-                args[i].data_ptr() != ptr for i, ptr in self.borrowed.items()):
+        if (self.watch or self.borrowed) and self._blocked(args):  # only with lent outputs
             self.busy += 1
             return BUSY
         for i, buf in self.buffers.items():
@@ -147,7 +150,7 @@ class _Captured:
     def _hand_out(self, i: int, o: Any) -> Any:
         if not isinstance(o, torch.Tensor):
             return o
-        return o.detach() if i in self.lent else o.clone()
+        return o.detach() if i in self.watch else o.clone()
 
 
 BUSY = object()  # _Captured.run: the graph cannot replay now; run the call without it
