@@ -421,6 +421,8 @@ class VariantRun:
     mark_counts: list[int] = field(default_factory=list)
     dynamo_frames_timed: int = 0
     toprovar_compiles_timed: int = 0
+    # per timed generation: (CUDA-graph replays, calls that had a graph but ran without it)
+    graph_calls_timed: list[tuple[int, int]] = field(default_factory=list)
     peak_bytes_b1: int | None = None
     image: torch.Tensor | None = None  # the last warm-up generation's images (CPU, fp32)
     logits: list[torch.Tensor] = field(default_factory=list)  # per scale, one extra generation after warm-up
@@ -527,6 +529,8 @@ def report_summary(rep: Any) -> dict[str, Any]:
         "compiles": rep.compiles,
         "compile_seconds": rep.compile_seconds,
         "planned_blocks": rep.planned_blocks,
+        "graph_replays": rep.graph_replays,
+        "graph_calls_without_replay": rep.graph_calls_without_replay,
         "fallbacks": list(dict.fromkeys(rep.fallbacks)),
     }
 
@@ -679,6 +683,8 @@ def timed_phase(b: Bench) -> None:
             if run.variant.kind == "toprovar":
                 rep = toprovar_fx.last_generation()
                 run.toprovar_compiles_timed += rep.compiles if rep is not None else 0
+                if rep is not None and rep.graph_replays is not None:
+                    run.graph_calls_timed.append((rep.graph_replays, rep.graph_calls_without_replay or 0))
         b.rounds_done = rnd + 1
     if 0 < b.rounds_done < 5:
         b.notes.append(f"only {b.rounds_done} timed generation(s) per variant (target: at least 5)")
@@ -798,13 +804,46 @@ def _self_times(ops: list[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
+# kernel classes, in the order ``kernel_class`` tries them (and the markdown shows them)
+KERNEL_CLASSES = ("attention", "gather/scatter", "copy", "gemm", "triton fused", "other")
+_CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("fae_", "sdpa", "flash", "fmha", "attention")),
+    ("gather/scatter", ("scatter_gather", "index_select", "indexSelect", "index_put", "index_elementwise_kernel",
+                        "gather", "scatter")),
+    ("copy", ("direct_copy_kernel", "copy_kernel", "CatArrayBatchedCopy", "Memcpy", "memcpy", "Memset", "memset")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "Kernel2", "splitK")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a GPU kernel by its name: one of ``KERNEL_CLASSES``.
+
+    The classes say what limits the pruned last scales, where the pruned model reaches only part of
+    its FLOP-bound speedup: attention (our Triton FAE kernels ``_fae_fwd*``, cuDNN / flash SDPA),
+    GEMMs (cuBLAS / nvjet / CUTLASS), or the gathers / scatters and copies that pruning adds (token
+    selection, K/V write-back, ``cat``), against Inductor's fused pointwise / reduction kernels
+    (``triton_*``) and the rest. Patterns are case-sensitive substrings, tried in the order of
+    ``KERNEL_CLASSES`` (attention first: SDPA kernels may name ``cutlass`` or ``gather``). Any name
+    with ``copy`` is a copy, except Inductor's ``triton_*`` kernels, whose names list the fused aten
+    ops and so often ``_to_copy`` (a dtype cast fused with arithmetic).
+    """
+    for cls, patterns in _CLASS_PATTERNS:
+        if any(p in name for p in patterns):
+            return cls
+        if cls == "copy" and "copy" in name and not name.startswith("triton_"):
+            return cls
+    return "triton fused" if name.startswith("triton_") else "other"
+
+
 def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool) -> dict[str, Any]:
     """Per-scale launches and GPU-busy ms, top kernels / host ops, ``toprovar.*`` ranges of one generation.
 
     Scale ``i`` is the time between the end marks of scales ``i - 1`` and ``i`` (scale 0 from the
     start of the generation); the segment after the last mark is the decode tail. A launch
     belongs to the segment its runtime call falls in; a kernel to the segment of its launch.
-    Without ``gpu`` launches and busy times are None (a CPU trace has neither).
+    ``class_ms`` / ``class_calls``: per segment, the summed durations (not the union) and the number
+    of kernels per ``kernel_class``. Without ``gpu`` launches, busy times and classes are None (a CPU
+    trace has none).
     """
     gens = [e for e in events if e.get("name") == GEN_RANGE and e.get("cat") == "user_annotation"]
     if not gens:
@@ -830,12 +869,18 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
     busy: list[list[tuple[float, float]]] = [[] for _ in range(num_scales + 1)]
     all_busy: list[tuple[float, float]] = []
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    class_us = [dict.fromkeys(KERNEL_CLASSES, 0.0) for _ in range(num_scales + 1)]
+    class_calls = [dict.fromkeys(KERNEL_CLASSES, 0) for _ in range(num_scales + 1)]
     for k in kernels:
         launched = launches_at.get((k.get("args") or {}).get("correlation"))
         if launched is None and not g0 <= k["ts"] <= g1:
             continue
         span = (k["ts"], k["ts"] + k.get("dur", 0))
-        busy[segment(launched if launched is not None else k["ts"])].append(span)
+        seg = segment(launched if launched is not None else k["ts"])
+        busy[seg].append(span)
+        cls = kernel_class(str(k.get("name", "")))
+        class_us[seg][cls] += k.get("dur", 0)
+        class_calls[seg][cls] += 1
         all_busy.append(span)
         per_kernel[k["name"]][0] += k.get("dur", 0)
         per_kernel[k["name"]][1] += 1
@@ -855,6 +900,8 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
         "marks": len(marks),
         "launches": launches if per_scale and gpu else None,
         "busy_ms": [_union_ms(s) for s in busy] if per_scale and gpu else None,
+        "class_ms": [{c: us / 1e3 for c, us in seg.items()} for seg in class_us] if per_scale and gpu else None,
+        "class_calls": class_calls if per_scale and gpu else None,
         "launches_total": sum(launches) if gpu else None,
         "busy_ms_total": _union_ms(all_busy) if gpu else None,
         "top_kernels": top(per_kernel),
@@ -1083,6 +1130,32 @@ def _status(r: VariantRun) -> str:
     return "ok" if not r.skipped else "ok (not measured: " + "; ".join(r.skipped) + ")"
 
 
+def graph_calls_cell(calls: Sequence[tuple[int, int]]) -> str:
+    """``replays / without replay`` medians over timed generations, ``-`` when none were counted."""
+    if not calls:
+        return "-"
+    return f"{statistics.median(c[0] for c in calls):.0f} / {statistics.median(c[1] for c in calls):.0f}"
+
+
+def last_two_class_rows(runs: Sequence[VariantRun], num_scales: int) -> list[list[str]]:
+    """Rows of the "Last two scales: GPU ms by kernel class" table, one per run with ``class_ms``:
+    variant, per ``KERNEL_CLASSES`` ``ms (calls)`` summed over the last two scales, the total kernel
+    ms and the GPU-busy ms (union) of the same scales."""
+    last = range(max(num_scales - 2, 0), num_scales)
+    rows = []
+    for r in runs:
+        prof = r.profile or {}
+        class_ms, class_calls = prof.get("class_ms"), prof.get("class_calls")
+        if not class_ms or not class_calls:
+            continue
+        ms = {c: sum(class_ms[i].get(c, 0.0) for i in last) for c in KERNEL_CLASSES}
+        calls = {c: sum(class_calls[i].get(c, 0) for i in last) for c in KERNEL_CLASSES}
+        busy = prof.get("busy_ms")
+        rows.append([r.key] + [f"{ms[c]:.2f} ({calls[c]})" for c in KERNEL_CLASSES]
+                    + [_f(sum(ms.values()), ".2f"), _f(busy and sum(busy[i] for i in last), ".2f")])
+    return rows
+
+
 def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
     k = len(b.schedule)
     runs = sorted(b.runs, key=lambda r: DISPLAY_ORDER.index(r.key) if r.key in DISPLAY_ORDER else 99)
@@ -1138,6 +1211,13 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
     lines += scale_table("Per-scale kernel launches (profiled generation)", "launches", "d", have("launches"))
     lines += scale_table("Per-scale GPU-busy ms (profiled generation, union of kernel intervals)", "busy_ms",
                          ".2f", have("busy_ms"))
+    lines += ["### Last two scales: GPU ms by kernel class (profiled generation)", "",
+              "Sums of kernel durations in ms (kernel count in parentheses) of the kernels launched in the "
+              "last two scales; kernels that overlap count twice, so the total may exceed the GPU-busy ms "
+              "(the union). Names are classed by `kernel_class` in `benchmarks/e2e.py`.", ""]
+    class_rows = last_two_class_rows(shown, k)
+    lines += (_table(["variant", *KERNEL_CLASSES, "kernel ms", "GPU-busy ms"], class_rows) if class_rows
+              else ["(not measured)", ""])
     lines += scale_table("Per-scale executed / dense FLOPs (toprovar report)", "flop_ratio", ".3f",
                          have("flop_ratio"))
     lines += ["### Host time in `toprovar.*` profiler ranges (profiled generation)", ""]
@@ -1149,15 +1229,19 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
     lines += _table(["target", "measured", "status"], [[t["target"], t["value"], t["status"]] for t in a["targets"]])
     lines += ["### Variants", ""]
     lines += _table(["key", "label", "definition"], [[r.key, r.variant.label, r.variant.definition] for r in runs])
-    reports = [(r.key, r.report) for r in runs if r.report]
+    reports = [(r.key, r.report, r.graph_calls_timed) for r in runs if r.report]
     if reports:
         lines += ["### toprovar reports (last warm-up generation)", ""]
+        lines += ["Graph calls: per timed generation (median), calls replayed from a CUDA graph / calls that "
+                  "had a graph but ran without it because an output it lent was still held "
+                  "(`cuda_graph_lend_outputs`).", ""]
         lines += _table(["variant", "rewrites", "start scale D (1-based)", "pruned scales", "planned blocks",
-                         "fallbacks"], [
+                         "graph calls", "fallbacks"], [
             [key, rep["attention_rewrites"], "-" if rep["start_scale"] is None else rep["start_scale"] + 1,
              ", ".join(str(s["index"] + 1) + ("(skip)" if s["skipped"] else "") for s in rep["scales"]
                        if s["flops_executed"] < s["flops_dense"]) or "none", rep.get("planned_blocks", 0),
-             "; ".join(f[:160] for f in rep["fallbacks"][:3]) or "none"] for key, rep in reports])
+             graph_calls_cell(calls), "; ".join(f[:160] for f in rep["fallbacks"][:3]) or "none"]
+            for key, rep, calls in reports])
     agree = image_agreement(b.runs)
     if agree:
         lines += ["### Image agreement (last warm-up generation)", "",

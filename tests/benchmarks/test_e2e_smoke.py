@@ -170,6 +170,106 @@ def test_summarize_trace_segments(e2e: ModuleType) -> None:
     assert e2e.summarize_trace(events, 3, gpu=True)["launches"] is None  # marks != scales: no per-scale split
 
 
+@pytest.mark.parametrize(("name", "cls"), [
+    ("_fae_fwd_tma_kernel", "attention"),
+    ("_fae_fwd_kernel", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, cutlass::half_t> >",
+     "attention"),
+    ("void at::native::_scatter_gather_elementwise_kernel<128, 8, at::native::_cuda_scatter_gather_internal_kernel"
+     "<true, float>::operator()<at::native::ReduceAdd>(...)::{lambda(int)#1}>(int, ...)", "gather/scatter"),
+    ("void at::native::(anonymous namespace)::indexSelectLargeIndex<float, long, unsigned int, 2, 2, -2, true>",
+     "gather/scatter"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "gemm"),
+    ("triton_poi_fused_add_cat_clamp_min_div_expand_linalg_vector_norm_mul_permute_select_stack_0", "triton fused"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "triton fused"),  # a fused cast, not a copy
+    ("void at::native::elementwise_kernel<128, 4, at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+     "::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::{lambda(float)#1}>(int, ...)", "copy"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>, "
+     "unsigned int, 4, 64, 64>(...)", "copy"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("Memset (Device)", "copy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>", "other"),
+])
+def test_kernel_class(e2e: ModuleType, name: str, cls: str) -> None:
+    assert e2e.kernel_class(name) == cls
+
+
+def _class_trace(e2e: ModuleType) -> list[dict[str, Any]]:
+    """Two scales and a decode tail; kernels of several classes, one launched in scale 1 but run after its mark.
+    Times in ms (the trace's are us)."""
+    fae, gemm, copy = "_fae_fwd_tma_kernel", "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "Memcpy DtoD"
+    gather = "void at::native::_scatter_gather_elementwise_kernel<128, 8>"
+    fused = "triton_poi_fused_add_mul_0"
+    events = [
+        _event(e2e.GEN_RANGE, "user_annotation", 0, 1000),
+        _event("cudaLaunchKernel", "cuda_runtime", 10, 2, corr=1),
+        _event("cudaLaunchKernel", "cuda_runtime", 20, 2, corr=2),
+        _event("cudaLaunchKernel", "cuda_runtime", 30, 2, corr=3),
+        _event("cudaLaunchKernel", "cuda_runtime", 40, 2, corr=4),
+        _event(e2e.MARK_RANGE, "user_annotation", 100, 1),  # end of scale 1
+        _event("cudaLaunchKernel", "cuda_runtime", 110, 2, corr=5),
+        _event("cudaLaunchKernel", "cuda_runtime", 120, 2, corr=6),
+        _event("cudaGraphLaunch", "cuda_runtime", 130, 2, corr=7),
+        _event(e2e.MARK_RANGE, "user_annotation", 300, 1),  # end of scale 2
+        _event("cudaLaunchKernel", "cuda_runtime", 400, 2, corr=8),  # decode
+        _event(gemm, "kernel", 15, 30, corr=1),
+        _event(fae, "kernel", 45, 20, corr=2),
+        _event(gemm, "kernel", 65, 10, corr=3),
+        _event(fae, "kernel", 105, 40, corr=4),  # launched in scale 1, runs after its mark: scale 1
+        _event(gather, "kernel", 150, 6, corr=5),
+        _event(copy, "kernel", 156, 4, corr=6),
+        _event(fused, "kernel", 160, 3, corr=7),  # a graph's kernels share the launch's correlation
+        _event(gemm, "kernel", 163, 12, corr=7),
+        _event(fae, "kernel", 170, 8, corr=7),  # overlaps the gemm: counted in full (sum, not union)
+        _event("some_other_kernel", "kernel", 500, 5, corr=8),
+    ]
+    return [{**e, "ts": e["ts"] * 1e3, "dur": e["dur"] * 1e3} for e in events]
+
+
+def test_summarize_trace_kernel_classes(e2e: ModuleType) -> None:
+    s = e2e.summarize_trace(_class_trace(e2e), 2, gpu=True)
+    zero = dict.fromkeys(e2e.KERNEL_CLASSES, 0.0)
+    assert s["class_ms"] == [
+        pytest.approx({**zero, "attention": 60.0, "gemm": 40.0}),
+        pytest.approx({**zero, "attention": 8.0, "gemm": 12.0, "gather/scatter": 6.0, "copy": 4.0,
+                       "triton fused": 3.0}),
+        pytest.approx({**zero, "other": 5.0}),
+    ]
+    nothing = dict.fromkeys(e2e.KERNEL_CLASSES, 0)
+    assert s["class_calls"] == [
+        {**nothing, "attention": 2, "gemm": 2},
+        {**nothing, "attention": 1, "gemm": 1, "gather/scatter": 1, "copy": 1, "triton fused": 1},
+        {**nothing, "other": 1},
+    ]
+    # the class sums count the overlap twice, the busy time once
+    assert s["busy_ms"][1] == pytest.approx(28.0) and sum(s["class_ms"][1].values()) == pytest.approx(33.0)
+    cpu = e2e.summarize_trace(_class_trace(e2e), 2, gpu=False)
+    assert cpu["class_ms"] is None and cpu["class_calls"] is None
+    assert e2e.summarize_trace(_class_trace(e2e), 3, gpu=True)["class_ms"] is None  # no per-scale split
+
+
+def test_last_two_class_rows_and_section(e2e: ModuleType) -> None:
+    prof = e2e.summarize_trace(_class_trace(e2e), 2, gpu=True)
+    runs = [e2e.VariantRun(v) for v in e2e.model_variants("infinity-2b") if v.key in ("eager", "toprovar")]
+    runs[1].profile = prof  # toprovar; eager has no profile: no row
+    rows = e2e.last_two_class_rows(runs, 2)
+    # scales 1 and 2 of 2: kernel ms 100 + 33; busy 100 (15..75 and 105..145) + 28
+    assert rows == [["toprovar", "68.00 (3)", "6.00 (1)", "4.00 (1)", "52.00 (3)", "3.00 (1)", "0.00 (0)",
+                     "133.00", "128.00"]]
+
+
+def test_markdown_has_kernel_class_section(result: dict[str, Any]) -> None:
+    """The CPU run has no kernels: the section is there, without rows."""
+    md = result["md"]
+    title = "### Last two scales: GPU ms by kernel class (profiled generation)"
+    assert title in md
+    after_busy = md.index("### Per-scale GPU-busy ms") < md.index(title) < md.index("### Per-scale executed")
+    assert after_busy and "`kernel_class`" in md.split(title)[1].split("###")[0]
+
+
 def test_later_toprovar_variants_are_estimated_from_the_first(e2e: ModuleType) -> None:
     """The first toprovar variant pays the shared compile: later ones get a fraction of its time,
     other kinds keep their own estimates (measured for the class, else the prior)."""

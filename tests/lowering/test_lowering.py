@@ -11,7 +11,7 @@ import torch.fx as fx
 
 import toprovar_fx
 from tests.backend.helpers import max_rel_diff, model, sampler_call
-from toprovar_fx.lowering import runners
+from toprovar_fx.lowering import cuda_graphs, runners
 from toprovar_fx.lowering.cuda_graphs import CudaGraphCache, mutates_inputs
 from toprovar_fx.runtime.session import Session, last_session
 
@@ -283,14 +283,15 @@ def test_an_input_is_copied_again_only_when_it_may_have_changed():
     assert copies() == base + 6
 
 
-def test_lent_outputs_are_read_in_place_and_never_overwritten_while_held():
+def test_lent_outputs_are_read_in_place_and_never_overwritten_while_held(monkeypatch):
     """cuda_graph_lend_outputs: a graph's output goes out as an alias, the next graph reads it in
     place (no copy); while a caller holds an output (or a view of it), its graph runs without
     replay, so the held values never change."""
     from toprovar_fx.lowering.cuda_graphs import SharedPool
 
+    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 0)
     api = _FakeGraphAPI()
-    pool = SharedPool()
+    pool = SharedPool(lending=True)
     first, second = (CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api,
                                     device_type="cpu", pool=pool, lend=True) for _ in range(2))
     w1, w2 = torch.randn(4, 4), torch.randn(4, 4)
@@ -322,6 +323,29 @@ def test_lent_outputs_are_read_in_place_and_never_overwritten_while_held():
     h = first(y, w1, 0)[0]  # the busy call's output is an ordinary tensor, not the lender's memory
     torch.testing.assert_close(second(h + 0, w2, 1)[0], (y @ w1) @ w2 + 1)  # elsewhere: runs without
     assert g2.busy == 1
+
+
+def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
+    """Graphs captured before lending started clone their outputs; ``start_lending`` drops them so
+    they are captured again, lending; outputs under ``LEND_MIN_BYTES`` are cloned even then."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 8 * 4 * 4)  # [8, 4] float32 outputs and up
+    api = _FakeGraphAPI()
+    pool = SharedPool()
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool, lend=True)
+    w = torch.randn(4, 4)
+    x = torch.randn(8, 4)
+    out, col = cache(x, w, 0)
+    (before,) = cache.graphs.values()
+    assert not before.watch and api.captures == 1  # not lending yet: clones
+    assert pool.start_lending() == 1 and pool.start_lending() == 0 and not cache.graphs
+    out, col = cache(x, w, 0)
+    (after,) = cache.graphs.values()
+    assert api.captures == 2 and set(after.watch) == {0}  # the [8, 4] output is lent, the [4] sums are not
+    assert out.data_ptr() == after.outputs[0].data_ptr() and col.data_ptr() != after.outputs[1].data_ptr()
+    torch.testing.assert_close(out, x @ w)
 
 
 def test_a_capture_that_records_nothing_is_not_replayed():
@@ -475,6 +499,10 @@ def _replayable(fn):
     return wrapped
 
 
+def _busy(caches: list[CudaGraphCache]) -> int:
+    return sum(e.busy for c in caches for e in c.graphs.values() if e is not None)
+
+
 @pytest.mark.parametrize("name,preset,lend", [("var-tiny", None, False), ("infinity-tiny", None, False),
                                               ("var-tiny", "fast", False), ("var-tiny-fastvar-released", None, False),
                                               ("infinity-tiny", None, True), ("var-tiny-fastvar-released", None, True)])
@@ -503,13 +531,29 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)
     monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 4096)  # lends the tiny models' K/V, not their entropies
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
                          options={"policy": name, "inductor": False, "planned_blocks": True,
                                   "cuda_graph_lend_outputs": lend} | extra)
     call(fast)
     _, got = call(fast)
+    if lend:
+        # lending starts after a generation without compiles (the second), from the third on
+        assert not last_session().graph_pool().lending
+        call(fast)
+        assert last_session().graph_pool().lending
+        replays, busy = sum(c.replays for c in made), _busy(made)
+        _, got = call(fast)
+        replays, busy = sum(c.replays for c in made) - replays, _busy(made) - busy
+        assert busy <= replays // 20  # lent outputs are free again when their graph runs next
     rep = toprovar_fx.last_generation()
+    if lend:
+        # counted from the generation's first attention on: graphs called before it (the first
+        # scale's embedding) are not in the report
+        assert 0.9 * replays <= rep.graph_replays <= replays and rep.graph_calls_without_replay == busy
+    else:
+        assert rep.graph_replays > 0 and rep.graph_calls_without_replay == 0
     assert api.captures > 0 and sum(c.replays for c in made) > api.captures  # graphs were replayed
     entries = [e for c in made for e in c.graphs.values() if e is not None]
     assert (sum(len(e.borrowed) for e in entries) > 0) == lend  # graphs read lent outputs in place

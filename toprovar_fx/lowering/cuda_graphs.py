@@ -153,6 +153,7 @@ class _Captured:
         return o.detach() if i in self.watch else o.clone()
 
 
+LEND_MIN_BYTES = 1 << 20  # smaller outputs are cloned even when lending (see _lendable)
 BUSY = object()  # _Captured.run: the graph cannot replay now; run the call without it
 
 
@@ -182,13 +183,33 @@ class SharedPool:
     (benchmarks/results/e2e.md, "Memory").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lending: bool = False) -> None:
         self.handle: Any = None
         self.buffers: dict[tuple[Any, ...], StaticInput] = {}
         # address -> (layout, owning graph, output position) of every lent static output (option
         # cuda_graph_lend_outputs): a later capture that gets such a tensor as input reads it in
         # place instead of copying it
         self.lent: dict[int, tuple[Any, ...]] = {}
+        # Captures lend only once lending started (``start_lending``): outputs lent while Dynamo
+        # still compiles stay referenced by its example values and block their graphs for good.
+        self.lending = lending
+        self.caches: weakref.WeakSet[CudaGraphCache] = weakref.WeakSet()  # caches that may lend
+        self.replays = 0  # calls replayed by the pool's graphs
+        self.busy = 0  # calls that had a graph but ran without it (a lent output still held)
+
+    def start_lending(self) -> int:
+        """From now on captures lend outputs; graphs captured before are dropped so that they are
+        captured again, lending. Call between generations (no output of ours in flight that a
+        dropped graph would still have to produce). Returns the number of graphs dropped."""
+        if self.lending:
+            return 0
+        self.lending = True
+        self.lent.clear()
+        dropped = 0
+        for cache in list(self.caches):
+            dropped += sum(entry is not None for entry in cache.graphs.values())
+            cache.graphs.clear()
+        return dropped
 
     def get(self, api: Any) -> Any:
         if self.handle is None:
@@ -225,6 +246,8 @@ class CudaGraphCache:
         self.fn = fn
         self.pool = pool  # None: a private pool per captured graph
         self.lend = lend and pool is not None  # lending needs the session's registry of lent outputs
+        if self.lend:
+            pool.caches.add(self)
         # the CUDA graph API and the device it captures on; tests pass a stand-in to check the
         # data flow (copies in, replay, clones out) on machines without a GPU
         self.api = torch.cuda if api is None else api
@@ -253,7 +276,11 @@ class CudaGraphCache:
                 out = entry.run(args)
                 if out is not BUSY:
                     self.replays += 1
+                    if self.pool is not None:
+                        self.pool.replays += 1
                     return out
+                if self.pool is not None:
+                    self.pool.busy += 1
         return self.fn(*args)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
@@ -275,6 +302,7 @@ class CudaGraphCache:
         return entry
 
     def _capture(self, args: Sequence[Any]) -> _Captured | None:
+        lend = self.lend and self.pool.lending
         inputs = list(args)
         buffers: dict[int, StaticInput] = {}
         borrowed: dict[int, int] = {}
@@ -282,7 +310,7 @@ class CudaGraphCache:
             a = args[i]
             if not isinstance(a, torch.Tensor):
                 continue
-            lender = self.pool.lent.get(a.data_ptr()) if self.lend else None
+            lender = self.pool.lent.get(a.data_ptr()) if lend else None
             if lender is not None and lender[0] == self.pool.layout(a):
                 borrowed[i] = a.data_ptr()  # another graph's static output: read in place
                 inputs[i] = a.detach()  # our own alias, to see whether the capture keeps it
@@ -324,7 +352,7 @@ class CudaGraphCache:
             log.info("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
-        lent = self._lendable(outputs, inputs) if self.lend else frozenset()
+        lent = self._lendable(outputs, inputs) if lend else frozenset()
         for i in borrowed:
             # Held here it would count as an outside reference to the lender's output; if the
             # captured function itself kept the alias (a stand-in API replaying in Python does),
@@ -342,9 +370,13 @@ class CudaGraphCache:
 
     @staticmethod
     def _lendable(outputs: Any, inputs: Sequence[Any]) -> frozenset[int]:
-        """Outputs that may be handed out without a clone: tensors sharing no storage with an
-        input (a shared input buffer is rewritten by other graphs' calls, a parameter is not ours)."""
+        """Outputs that may be handed out without a clone: tensors of at least ``LEND_MIN_BYTES``
+        sharing no storage with an input (a shared input buffer is rewritten by other graphs'
+        calls, a parameter is not ours). Small outputs (entropies, norms) are cloned: a clone
+        costs them a launch, while a lent one the caller keeps (the previous generation's
+        entropies) would make its graph run without replay."""
         flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         return frozenset(i for i, o in enumerate(flat)
-                         if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in taken)
+                         if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in taken
+                         and o.numel() * o.element_size() >= LEND_MIN_BYTES)

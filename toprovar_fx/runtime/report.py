@@ -56,6 +56,11 @@ class GenerationReport:
     recompiles: int = 0  # compiles during a generation that was not the session's first
     compile_seconds: float = 0.0
     planned_blocks: int = 0  # blocks run from a plan inside a CUDA graph (option planned_blocks)
+    # calls of this generation (from its first attention on) replayed from a CUDA graph, and calls
+    # that had a graph but ran without it because an output it lent was still held (option
+    # cuda_graph_lend_outputs); None with cuda_graph_pool: private
+    graph_replays: int | None = None
+    graph_calls_without_replay: int | None = None
     fallbacks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class GenerationState:
     compiles_before: int
     compile_seconds_before: float
     planned_before: int = 0
+    graph_counts_before: tuple[int, int] | None = None  # shared pool's (replays, busy) at the start
     entropy: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (scale, layer) -> [rows, L]
     tokens: dict[int, int] = field(default_factory=dict)  # scale -> token count
     hw: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -145,12 +146,14 @@ class Session:
         t = self.clock.tick(tokens)
         _LAST[:] = [self]
         if t.new_generation:
+            self._maybe_start_lending()
             self.gen = GenerationState(
                 index=t.generation,
                 started=time.perf_counter(),
                 compiles_before=self.graphs,
                 compile_seconds_before=self.compile_seconds,
                 planned_before=self.planned_calls,
+                graph_counts_before=self._graph_counts(),
             )
             self.gen.fallbacks.extend(self.session_fallbacks)
             self.session_fallbacks = []
@@ -166,6 +169,22 @@ class Session:
             if self.clock.mismatch is not None and self.policy is not None and t.scale == len(self.clock.token_history) - 1:
                 self._policy_mismatch(self.clock.mismatch)
         return t
+
+    def _graph_counts(self) -> tuple[int, int] | None:
+        pool = self._graph_pool
+        return None if pool is None else (pool.replays, pool.busy)
+
+    def _maybe_start_lending(self) -> None:
+        """Option ``cuda_graph_lend_outputs``: start lending CUDA-graph outputs after the first
+        generation that compiled nothing (lent outputs taken while Dynamo compiles stay referenced
+        by its example values; see ``SharedPool.start_lending``)."""
+        prev, pool = self.gen, self._graph_pool
+        if (pool is None or pool.lending or prev is None or not self.settings.cuda_graph_lend_outputs
+                or self.graphs != prev.compiles_before):
+            return
+        dropped = pool.start_lending()
+        log.info("toprovar: lending CUDA-graph outputs from generation %d on (1-based; %d graphs to capture again)",
+                 prev.index + 2, dropped)
 
     def dense_ahead(self, self_sites: int = 1, mixed: bool = False) -> bool:
         """Whether the next call of a graph holding ``self_sites`` self-attentions surely keeps
@@ -275,6 +294,10 @@ class Session:
         rep.recompiles = rep.compiles if gen.index > 0 else 0
         rep.compile_seconds = self.compile_seconds - gen.compile_seconds_before
         rep.planned_blocks = self.planned_calls - gen.planned_before
+        now, before = self._graph_counts(), gen.graph_counts_before
+        if now is not None:
+            before = before or (0, 0)
+            rep.graph_replays, rep.graph_calls_without_replay = now[0] - before[0], now[1] - before[1]
         rep.fallbacks = list(gen.fallbacks)
         means = self._layer_means(gen)
         for s in sorted(gen.tokens):
