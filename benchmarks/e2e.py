@@ -45,6 +45,7 @@ import torch
 import toprovar_fx
 from toprovar_fx import zoo
 from toprovar_fx.policies import list_policies, load_policy
+from toprovar_fx.runtime.session import last_session
 from toprovar_fx.tools.bench import environment
 
 log = logging.getLogger("e2e")
@@ -181,9 +182,10 @@ def model_variants(model_name: str) -> list[Variant]:
         ("toprovar_nocg", f"toprovar {main}, no CUDA graphs", "toprovar",
          f"policy `{main}` with `cuda_graphs: False` (what the backend's own CUDA graphs contribute)",
          lambda: {"policy": policy_or_missing(main), "cuda_graphs": False}, True),
-        ("toprovar_lend", f"toprovar {main}, lent CUDA-graph outputs", "toprovar",
-         f"policy `{main}` with `cuda_graph_lend_outputs: True` (outputs handed out without clones, read in place "
-         "by the next graph)", lambda: {"policy": policy_or_missing(main), "cuda_graph_lend_outputs": True}, True),
+        ("toprovar_nolend", f"toprovar {main}, CUDA-graph outputs cloned", "toprovar",
+         f"policy `{main}` with `cuda_graph_lend_outputs: False` (every CUDA-graph output cloned, every per-call "
+         "input copied in: what lending contributes)",
+         lambda: {"policy": policy_or_missing(main), "cuda_graph_lend_outputs": False}, True),
         ("cudagraphs", "dense Inductor + CUDA graphs", "inductor",
          '`torch.compile(sampler, mode="reduce-overhead")`', lambda: {"mode": "reduce-overhead"}, False),
         ("scale", "toprovar stage: scale", "toprovar",
@@ -209,7 +211,7 @@ def model_variants(model_name: str) -> list[Variant]:
 
 # display order of the tables (the rotation order of the timed rounds too)
 DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "scale", "scale_layer", "toprovar_nocg",
-                 "toprovar_noplan", "toprovar_lend", "toprovar")
+                 "toprovar_noplan", "toprovar_nolend", "toprovar")
 VARIANT_KEYS = DISPLAY_ORDER
 
 
@@ -423,6 +425,7 @@ class VariantRun:
     toprovar_compiles_timed: int = 0
     # per timed generation: (CUDA-graph replays, calls that had a graph but ran without it)
     graph_calls_timed: list[tuple[int, int]] = field(default_factory=list)
+    busy_graphs: dict[str, int] = field(default_factory=dict)  # graphs that ran without replay, session totals
     peak_bytes_b1: int | None = None
     image: torch.Tensor | None = None  # the last warm-up generation's images (CPU, fp32)
     logits: list[torch.Tensor] = field(default_factory=list)  # per scale, one extra generation after warm-up
@@ -685,6 +688,9 @@ def timed_phase(b: Bench) -> None:
                 run.toprovar_compiles_timed += rep.compiles if rep is not None else 0
                 if rep is not None and rep.graph_replays is not None:
                     run.graph_calls_timed.append((rep.graph_replays, rep.graph_calls_without_replay or 0))
+                    pool = last_session().graph_pool()
+                    if rep.graph_calls_without_replay and pool is not None:
+                        run.busy_graphs = dict(sorted(pool.busy_by.items(), key=lambda kv: -kv[1])[:8])
         b.rounds_done = rnd + 1
     if 0 < b.rounds_done < 5:
         b.notes.append(f"only {b.rounds_done} timed generation(s) per variant (target: at least 5)")
@@ -1242,13 +1248,16 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
                        if s["flops_executed"] < s["flops_dense"]) or "none", rep.get("planned_blocks", 0),
              graph_calls_cell(calls), "; ".join(f[:160] for f in rep["fallbacks"][:3]) or "none"]
             for key, rep, calls in reports])
+        busy = [f"{r.key}: " + ", ".join(f"{n} x{c}" for n, c in r.busy_graphs.items()) for r in runs if r.busy_graphs]
+        if busy:
+            lines += ["Graphs that ran without replay (session totals, most first): " + "; ".join(busy) + ".", ""]
     agree = image_agreement(b.runs)
     if agree:
         lines += ["### Image agreement (last warm-up generation)", "",
                   "Max |difference| of the decoded images over the max |value| of the reference, and the "
                   "first scale whose logits (one more generation after warm-up) differ at all. Variants "
                   "that take the same decisions by different routes (`toprovar`, `toprovar_noplan`, "
-                  "`toprovar_nocg`, `toprovar_lend`) run the same kernels on the same tokens, so they should agree with "
+                  "`toprovar_nocg`, `toprovar_nolend`) run the same kernels on the same tokens, so they should agree with "
                   "`toprovar` exactly or to rounding; pruned variants differ from dense by design.", ""]
         def cell(d: dict[str, Any] | None) -> str:
             if not d:

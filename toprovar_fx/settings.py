@@ -37,7 +37,7 @@ class Settings:
     cuda_graph_pool: str = "shared"
     # Hand CUDA-graph outputs out as aliases instead of clones, and let a graph read another
     # graph's output in place (no copy); a graph whose output is still held runs without replay.
-    cuda_graph_lend_outputs: bool = False
+    cuda_graph_lend_outputs: bool = True
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
     # CUDA graphs per decision signature (runtime/block_plans.py).
     planned_blocks: bool = True
@@ -66,7 +66,8 @@ _OPTION_DOCS = {
     "cuda_graph_max_mib": "number > 0: largest per-call input size (MiB) replayed from a CUDA graph",
     "cuda_graph_pool": "shared | private: one CUDA-graph memory pool per session (default) or per graph",
     "cuda_graph_lend_outputs": "bool: hand CUDA-graph outputs out without a clone and read them in place "
-                               "in the next graph (default off; needs cuda_graph_pool: shared)",
+                               "in the next graph, from the first generation after one that compiled nothing (default on; "
+                               "needs cuda_graph_pool: shared)",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
                       "(default on)",
     "strict": "bool: raise instead of falling back to dense",
@@ -121,7 +122,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graphs=options.get("cuda_graphs"),
         cuda_graph_max_mib=float(max_mib),
         cuda_graph_pool=pool,
-        cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", False)),
+        cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", True)),
         planned_blocks=bool(options.get("planned_blocks", True)),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,

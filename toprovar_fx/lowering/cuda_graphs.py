@@ -196,6 +196,7 @@ class SharedPool:
         self.caches: weakref.WeakSet[CudaGraphCache] = weakref.WeakSet()  # caches that may lend
         self.replays = 0  # calls replayed by the pool's graphs
         self.busy = 0  # calls that had a graph but ran without it (a lent output still held)
+        self.busy_by: dict[str, int] = {}  # the same, per graph name (what to look at when it is not 0)
 
     def start_lending(self) -> int:
         """From now on captures lend outputs; graphs captured before are dropped so that they are
@@ -205,6 +206,10 @@ class SharedPool:
             return 0
         self.lending = True
         self.lent.clear()
+        # A new memory pool for the new captures: once every graph of a pool is destroyed, PyTorch's
+        # allocator marks the pool freeable and a capture into it fails an internal assert
+        # ("use_count > 0", seen on the H200 with torch 2.11); the old pool is freed with its graphs.
+        self.handle = None
         dropped = 0
         for cache in list(self.caches):
             dropped += sum(entry is not None for entry in cache.graphs.values())
@@ -281,6 +286,7 @@ class CudaGraphCache:
                     return out
                 if self.pool is not None:
                     self.pool.busy += 1
+                    self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
         return self.fn(*args)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:

@@ -129,7 +129,9 @@ def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropie
             decider._account(spec, tick, "skip", 0)
             continue
         if plan.record_cache:
-            decider.cache[(tick.layer, spec.kind)] = next(deltas)
+            # a clone: kept until the next generation's cached scale, a lent CUDA-graph output
+            # would keep its graph from replaying then (cuda_graph_lend_outputs)
+            decider.cache[(tick.layer, spec.kind)] = next(deltas).clone()
             decider.cached_hw = gen.hw[tick.scale]
         ents = entropies[i:i + len(spec.site_ids)]
         i += len(spec.site_ids)

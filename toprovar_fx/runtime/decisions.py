@@ -273,7 +273,7 @@ class Decider:
         self._record(spec, outs, tick, full=True)
         res = self._restore_scale()
         if tick is not None and res is not None and res.cached_scale == tick.scale:
-            self.cache[(tick.layer, spec.kind)] = delta
+            self.cache[(tick.layer, spec.kind)] = delta.clone()  # may be a lent CUDA-graph output (block_plans)
             self.cached_hw = self.gen.hw[tick.scale]
         if tick is not None:
             self._account(spec, tick, "keep", int(x.shape[1]))
