@@ -89,6 +89,9 @@ def test_every_variant_measured(result: dict[str, Any]) -> None:
     assert len(reports["toprovar"]["scales"]) == k
     assert model["rows"]["eager"]["vs_eager"] == pytest.approx(1.0)
     assert {t["target"].split(" ")[0] for t in model["targets"]} >= {"toprovar", "observe", "zero", "pruned"}
+    last2 = next(t for t in model["targets"] if "last two scales" in t["target"])
+    assert last2["status"] == "n/a: no compiled dense baseline in this run"  # no Inductor row: not against eager
+    assert last2["value"].endswith("against eager")
 
 
 def test_failing_variant_is_reported(result: dict[str, Any]) -> None:
