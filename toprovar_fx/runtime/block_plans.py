@@ -129,8 +129,9 @@ def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropie
             decider._account(spec, tick, "skip", 0)
             continue
         if plan.record_cache:
-            # a clone: kept until the next generation's cached scale, a lent CUDA-graph output
-            # would keep its graph from replaying then (cuda_graph_lend_outputs)
+            # a clone: the decider keeps these through the later scales, and a lent CUDA-graph
+            # output held that long would keep its graph from replaying (cuda_graph_lend_outputs);
+            # one copy per kept branch at one scale
             decider.cache[(tick.layer, spec.kind)] = next(deltas).clone()
             decider.cached_hw = gen.hw[tick.scale]
         ents = entropies[i:i + len(spec.site_ids)]
