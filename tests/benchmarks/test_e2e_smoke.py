@@ -290,3 +290,25 @@ def test_later_toprovar_variants_are_estimated_from_the_first(e2e: ModuleType) -
     assert b.compile_estimate(runs["observe"]) == pytest.approx(later)
     assert b.compile_estimate(runs["inductor"]) == pytest.approx(1.1 * 116.0)
     assert b.compile_estimate(runs["eager"]) == prior["eager"]
+
+
+def test_guard_filter_variant_generates_what_toprovar_does(e2e: ModuleType) -> None:
+    """``toprovar_guardfilter`` passes Dynamo a guard filter through ``torch.compile``'s options (not to the
+    backend, which would reject the key) and generates the same images as ``toprovar``."""
+    variants = {v.key: v for v in e2e.model_variants("infinity-tiny")}
+    filtered, plain = variants["toprovar_guardfilter"], variants["toprovar"]
+    assert filtered.kind == "toprovar" and callable(filtered.options["guard_filter_fn"])
+    model, _ = e2e.build_model("infinity-tiny", "cpu", torch.float32)
+    call = e2e.sampler_call(model, 1, "cpu")
+    images = []
+    try:
+        for variant in (plain, filtered):
+            torch._dynamo.reset()
+            fn = variant.build(model)
+            call(fn)
+            out = call(fn)
+            images.append(out[0] if isinstance(out, (tuple, list)) else out)
+    finally:
+        torch._dynamo.reset()
+    assert "guard_filter_fn" in filtered.options  # build copied the options; torch popped from the copy
+    torch.testing.assert_close(images[1], images[0])
