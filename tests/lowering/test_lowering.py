@@ -348,6 +348,29 @@ def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
     torch.testing.assert_close(out, x @ w)
 
 
+def test_a_graph_kept_from_replaying_is_captured_again_without_lending(monkeypatch):
+    """A caller that keeps every output: after ``BUSY_LIMIT`` calls without replay the graph is
+    captured again, cloning, and replays from then on; what the caller kept never changes."""
+    from toprovar_fx.lowering.cuda_graphs import BUSY_LIMIT, SharedPool
+
+    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 0)
+    api = _FakeGraphAPI()
+    pool = SharedPool(lending=True)
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool, lend=True)
+    w = torch.randn(4, 4)
+    kept, inputs = [], []
+    for _ in range(BUSY_LIMIT + 3):
+        inputs.append(torch.randn(2, 4))
+        kept.append(cache(inputs[-1], w, 0)[0])
+    (entry,) = cache.graphs.values()
+    assert api.captures == 2 and not entry.watch  # the second capture lends nothing
+    assert cache.replays == 1 + 2  # the first call, then the calls after the second capture
+    assert pool.busy == BUSY_LIMIT and not pool.lent
+    for out, x in zip(kept, inputs):
+        torch.testing.assert_close(out, x @ w)
+
+
 def test_a_capture_that_records_nothing_is_not_replayed():
     """An empty graph would replay nothing and leave stale outputs: the call runs directly."""
     api = _FakeGraphAPI(empty=True)

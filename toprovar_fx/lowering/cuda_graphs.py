@@ -125,6 +125,7 @@ class _Captured:
         # lent output position -> the references to its storage while nobody outside holds it
         self.watch = {i: _use_count(self._flat[i]) for i in lent}
         self.busy = 0  # calls that ran without the graph because a lent output was still held
+        self.streak = 0  # consecutive such calls (CudaGraphCache captures again, not lending, after BUSY_LIMIT)
 
     def expect_held(self, position: int, extra: int) -> None:
         """``extra`` more references to output ``position`` are held for good (by a capture)."""
@@ -138,7 +139,9 @@ class _Captured:
     def run(self, args: Sequence[Any]) -> Any:
         if (self.watch or self.borrowed) and self._blocked(args):  # only with lent outputs
             self.busy += 1
+            self.streak += 1
             return BUSY
+        self.streak = 0
         for i, buf in self.buffers.items():
             self.copies += buf.refresh(args[i])
         self.graph.replay()
@@ -154,6 +157,10 @@ class _Captured:
 
 
 LEND_MIN_BYTES = 1 << 20  # smaller outputs are cloned even when lending (see _lendable)
+# A graph that could not replay this many calls in a row (a lent output still held, or a borrowed
+# input elsewhere) is captured again without lending or borrowing: whatever holds its outputs, it
+# then costs copies and clones instead of running without a graph for good.
+BUSY_LIMIT = 3
 BUSY = object()  # _Captured.run: the graph cannot replay now; run the call without it
 
 
@@ -287,6 +294,8 @@ class CudaGraphCache:
                 if self.pool is not None:
                     self.pool.busy += 1
                     self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
+                if entry.streak >= BUSY_LIMIT:
+                    self._capture_without_lending(key, entry, args)
         return self.fn(*args)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
@@ -307,8 +316,23 @@ class CudaGraphCache:
             self.graphs[key] = entry
         return entry
 
-    def _capture(self, args: Sequence[Any]) -> _Captured | None:
-        lend = self.lend and self.pool.lending
+    def _capture_without_lending(self, key: tuple[Any, ...], old: _Captured, args: Sequence[Any]) -> None:
+        """Replace ``old`` (which keeps running without replay) by a capture that clones its
+        outputs and copies its inputs. The new graph is captured while ``old`` still exists, so
+        the memory pool never loses all its graphs (see ``SharedPool.start_lending``); what an
+        outside holder keeps of ``old``'s outputs stays valid (its storage is referenced)."""
+        log.info("toprovar: %s could not replay %d calls in a row; captured again without lending", self.name,
+                 old.streak)
+        new = self._capture(args, lend=False)
+        for i in old.watch:
+            self.pool.lent.pop(old._flat[i].data_ptr(), None)
+        if self.disabled is None:
+            self.graphs[key] = new
+
+    def _capture(self, args: Sequence[Any], lend: bool | None = None) -> _Captured | None:
+        """Capture ``fn`` on ``args``; ``lend`` (default: whether the pool lends now) lets the graph
+        lend its outputs and read lent inputs in place."""
+        lend = self.lend and self.pool.lending if lend is None else lend
         inputs = list(args)
         buffers: dict[int, StaticInput] = {}
         borrowed: dict[int, int] = {}
