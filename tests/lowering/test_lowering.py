@@ -369,6 +369,18 @@ def test_a_graph_kept_from_replaying_is_captured_again_without_lending(monkeypat
     assert pool.busy == BUSY_LIMIT and not pool.lent
     for out, x in zip(kept, inputs):
         torch.testing.assert_close(out, x @ w)
+    # a caller that holds the previous output only during the next call blocks every other call:
+    # counted in total, it loses lending as well
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool, lend=True)
+    prev = None
+    for _ in range(2 * BUSY_LIMIT + 2):
+        x = torch.randn(2, 4)
+        out = cache(x, w, 1)[0]
+        torch.testing.assert_close(out, x @ w + 1)
+        prev = out  # noqa: F841 - held until the next call returns
+    (entry,) = cache.graphs.values()
+    assert not entry.watch and entry.busy == 0 and api.captures == 4
 
 
 def test_a_capture_that_records_nothing_is_not_replayed():

@@ -125,7 +125,6 @@ class _Captured:
         # lent output position -> the references to its storage while nobody outside holds it
         self.watch = {i: _use_count(self._flat[i]) for i in lent}
         self.busy = 0  # calls that ran without the graph because a lent output was still held
-        self.streak = 0  # consecutive such calls (CudaGraphCache captures again, not lending, after BUSY_LIMIT)
 
     def expect_held(self, position: int, extra: int) -> None:
         """``extra`` more references to output ``position`` are held for good (by a capture)."""
@@ -139,9 +138,7 @@ class _Captured:
     def run(self, args: Sequence[Any]) -> Any:
         if (self.watch or self.borrowed) and self._blocked(args):  # only with lent outputs
             self.busy += 1
-            self.streak += 1
             return BUSY
-        self.streak = 0
         for i, buf in self.buffers.items():
             self.copies += buf.refresh(args[i])
         self.graph.replay()
@@ -157,9 +154,10 @@ class _Captured:
 
 
 LEND_MIN_BYTES = 1 << 20  # smaller outputs are cloned even when lending (see _lendable)
-# A graph that could not replay this many calls in a row (a lent output still held, or a borrowed
-# input elsewhere) is captured again without lending or borrowing: whatever holds its outputs, it
-# then costs copies and clones instead of running without a graph for good.
+# A graph that could not replay this many calls (a lent output still held, or a borrowed input
+# elsewhere) is captured again without lending or borrowing: whatever holds its outputs, it then
+# costs copies and clones instead of running without a graph for good. Counted in total, not in a
+# row: a caller that keeps the previous output during the next call blocks every other call.
 BUSY_LIMIT = 3
 BUSY = object()  # _Captured.run: the graph cannot replay now; run the call without it
 
@@ -294,7 +292,7 @@ class CudaGraphCache:
                 if self.pool is not None:
                     self.pool.busy += 1
                     self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
-                if entry.streak >= BUSY_LIMIT:
+                if entry.busy >= BUSY_LIMIT:
                     self._capture_without_lending(key, entry, args)
         return self.fn(*args)
 
@@ -321,8 +319,7 @@ class CudaGraphCache:
         outputs and copies its inputs. The new graph is captured while ``old`` still exists, so
         the memory pool never loses all its graphs (see ``SharedPool.start_lending``); what an
         outside holder keeps of ``old``'s outputs stays valid (its storage is referenced)."""
-        log.info("toprovar: %s could not replay %d calls in a row; captured again without lending", self.name,
-                 old.streak)
+        log.info("toprovar: %s could not replay %d calls; captured again without lending", self.name, old.busy)
         new = self._capture(args, lend=False)
         for i in old.watch:
             self.pool.lent.pop(old._flat[i].data_ptr(), None)
