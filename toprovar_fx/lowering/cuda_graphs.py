@@ -200,8 +200,8 @@ class SharedPool:
         self.lending = lending
         self.caches: weakref.WeakSet[CudaGraphCache] = weakref.WeakSet()  # caches that may lend
         self.replays = 0  # calls replayed by the pool's graphs
-        self.busy = 0  # calls that had a graph but ran without it (a lent output still held)
-        self.busy_by: dict[str, int] = {}  # the same, per graph name (what to look at when it is not 0)
+        # per graph name: calls that had a graph but ran without it (a lent output still held)
+        self.busy_by: dict[str, int] = {}
 
     def start_lending(self) -> int:
         """From now on captures lend outputs; graphs captured before are dropped so that they are
@@ -220,6 +220,11 @@ class SharedPool:
             dropped += sum(entry is not None for entry in cache.graphs.values())
             cache.graphs.clear()
         return dropped
+
+    @property
+    def busy(self) -> int:
+        """Calls of the pool's graphs that ran without replay."""
+        return sum(self.busy_by.values())
 
     def get(self, api: Any) -> Any:
         if self.handle is None:
@@ -290,7 +295,6 @@ class CudaGraphCache:
                         self.pool.replays += 1
                     return out
                 if self.pool is not None:
-                    self.pool.busy += 1
                     self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
                 if entry.busy >= BUSY_LIMIT:
                     self._capture_without_lending(key, entry, args)

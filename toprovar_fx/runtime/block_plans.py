@@ -129,11 +129,7 @@ def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropie
             decider._account(spec, tick, "skip", 0)
             continue
         if plan.record_cache:
-            # a clone: the decider keeps these through the later scales, and a lent CUDA-graph
-            # output held that long would keep its graph from replaying (cuda_graph_lend_outputs);
-            # one copy per kept branch at one scale
-            decider.cache[(tick.layer, spec.kind)] = next(deltas).clone()
-            decider.cached_hw = gen.hw[tick.scale]
+            decider.keep_cached(tick, spec.kind, next(deltas))
         ents = entropies[i:i + len(spec.site_ids)]
         i += len(spec.site_ids)
         full = action == "keep"

@@ -267,14 +267,20 @@ class Decider:
             return self._keep(spec, branch, inputs, x, tick)
         return self._prune(spec, branch, inputs, x, tick, idx)
 
+    def keep_cached(self, tick: Any, kind: str, delta: torch.Tensor) -> None:
+        """Keep a branch output of the cached scale (``restore.mode: cached_scale``) for the later
+        scales. A clone: the decider holds it through those scales, and a lent CUDA-graph output
+        held that long would keep its graph from replaying (``cuda_graph_lend_outputs``)."""
+        self.cache[(tick.layer, kind)] = delta.clone()
+        self.cached_hw = self.gen.hw[tick.scale]
+
     def _keep(self, spec, branch, inputs, x, tick):
         outs = branch(*inputs)
         delta = outs[0]
         self._record(spec, outs, tick, full=True)
         res = self._restore_scale()
         if tick is not None and res is not None and res.cached_scale == tick.scale:
-            self.cache[(tick.layer, spec.kind)] = delta.clone()  # may be a lent CUDA-graph output (block_plans)
-            self.cached_hw = self.gen.hw[tick.scale]
+            self.keep_cached(tick, spec.kind, delta)
         if tick is not None:
             self._account(spec, tick, "keep", int(x.shape[1]))
         return (x + delta, *outs[1:1 + spec.n_escapes])
