@@ -346,6 +346,21 @@ def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
     assert api.captures == 2 and set(after.watch) == {0}  # the [8, 4] output is lent, the [4] sums are not
     assert out.data_ptr() == after.outputs[0].data_ptr() and col.data_ptr() != after.outputs[1].data_ptr()
     torch.testing.assert_close(out, x @ w)
+    # the caller's own outputs (``own_outputs``: what Dynamo passes on) are lent at any size, the
+    # outputs after them (entropies) only from LEND_MIN_BYTES
+    small = torch.randn(2, 4)
+    own = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                         pool=pool, lend=True, own_outputs=1)
+    out, col = own(small, w, 0)
+    (entry,) = own.graphs.values()
+    assert set(entry.watch) == {0} and out.data_ptr() == entry.outputs[0].data_ptr()
+    torch.testing.assert_close(out, small @ w)
+    assert set(CudaGraphCache._lendable((out, col), [small], own=2)) == {0, 1}
+    assert not CudaGraphCache._lendable((small[:1], col), [small], own=2) - {1}  # an input's storage: never lent
+    # a view into a larger buffer (K of a fused QKV) is cloned: lent, it would reach the caller with
+    # other strides than before lending started, and Dynamo would recompile for them
+    qkv = torch.randn(2, 3, 4)
+    assert CudaGraphCache._lendable((qkv[:, 1], qkv[:, 0], qkv), [small], own=3) == {2}
 
 
 def test_a_graph_kept_from_replaying_is_captured_again_without_lending(monkeypatch):
@@ -559,14 +574,13 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     api = _FakeGraphAPI()
     made: list[CudaGraphCache] = []
 
-    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False):
+    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False, own_outputs=0):
         made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu",
-                                   pool=pool, lend=lend))
+                                   pool=pool, lend=lend, own_outputs=own_outputs))
         return made[-1]
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)
     monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
-    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 4096)  # lends the tiny models' K/V, not their entropies
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
                          options={"policy": name, "inductor": False, "planned_blocks": True,
@@ -582,7 +596,7 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
         replays, busy = sum(c.replays for c in made), _busy(made)
         _, got = call(fast)
         replays, busy = sum(c.replays for c in made) - replays, _busy(made) - busy
-        assert busy == 0  # every lent output is free again when its graph runs next
+        assert busy == 0, last_session().graph_pool().busy_by  # every lent output is free again when its graph runs next
         lent = set(last_session().graph_pool().lent)
         assert lent and not any(t.data_ptr() in lent for t in last_session().decider.cache.values())
     rep = toprovar_fx.last_generation()
@@ -660,3 +674,23 @@ def test_blocks_split_over_graphs_switch_without_changing_anything(monkeypatch):
     (a, *rest_a), (b, *rest_b) = results[True], results[False]
     assert rest_a[1] < 1.0 and rest_a == rest_b
     assert max_rel_diff(a, b) <= 1e-5
+
+
+def test_no_compile_context_outlives_its_compile():
+    """What the backend keeps after compiling (runners, planned-block wrappers) must not reach a
+    ``PassContext``: it holds the compile's example inputs, real tensors of the first generation
+    (K/V caches), which would stay allocated for good and, once lent outputs are among them, block
+    their CUDA graphs."""
+    import gc
+
+    from toprovar_fx.passes.context import PassContext
+
+    m = model("var-tiny")
+    call = sampler_call("var-tiny", 1)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": "var-tiny", "planned_blocks": True})
+    call(fast)
+    assert last_session().graphs > 0
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is PassContext]

@@ -102,6 +102,11 @@ def _use_count(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
+def _storage_use_count(storage: torch.UntypedStorage) -> int:
+    """References to ``storage`` (tensors and views sharing it, and ``storage`` itself)."""
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
 class _Captured:
     """One CUDA graph: static input buffers, the graph, its static outputs.
 
@@ -118,39 +123,49 @@ class _Captured:
         self.graph = graph
         self.inputs = inputs  # what the graph was captured with: buffers' tensors and static inputs
         self.buffers = buffers  # argument position -> its static buffer
+        self._buffer_items = tuple(buffers.items())
         self.outputs = outputs
         self.copies = 0  # copies made before replays (skipped ones not counted)
         self.borrowed = borrowed or {}
+        self._borrowed_items = tuple(self.borrowed.items())
         self._flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        self._sequence = type(outputs) if isinstance(outputs, (tuple, list)) else None
+        # per output, how it is handed out: 0 as is (not a tensor), 1 an alias (lent), 2 a clone
+        self._hand = tuple(0 if not isinstance(o, torch.Tensor) else 1 if i in lent else 2
+                           for i, o in enumerate(self._flat))
+        # lent output position -> its storage (held here, so the references counted include this one)
+        self._storages = {i: self._flat[i].untyped_storage() for i in lent}
         # lent output position -> the references to its storage while nobody outside holds it
-        self.watch = {i: _use_count(self._flat[i]) for i in lent}
+        self.watch = {i: _storage_use_count(st) for i, st in self._storages.items()}
+        self._watch_items = tuple((self._storages[i], base) for i, base in self.watch.items())
+        self.check = bool(self.watch or self.borrowed)
         self.busy = 0  # calls that ran without the graph because a lent output was still held
 
     def expect_held(self, position: int, extra: int) -> None:
-        """``extra`` more references to output ``position`` are held for good (by a capture)."""
-        self.watch[position] += max(extra, 0)
+        """``extra`` more references to output ``position``'s storage are held for good (by a
+        capture); outputs that are views of one storage (K and V split from one projection) share
+        the count."""
+        held = self._storages[position]._cdata
+        for i, st in self._storages.items():
+            if st._cdata == held:
+                self.watch[i] += max(extra, 0)
+        self._watch_items = tuple((self._storages[i], base) for i, base in self.watch.items())
 
     def _blocked(self, args: Sequence[Any]) -> bool:
-        flat = self._flat
-        return (any(_use_count(flat[i]) != base for i, base in self.watch.items())
-                or any(args[i].data_ptr() != ptr for i, ptr in self.borrowed.items()))
+        for st, base in self._watch_items:
+            if _storage_use_count(st) != base:
+                return True
+        return any(args[i].data_ptr() != ptr for i, ptr in self._borrowed_items)
 
     def run(self, args: Sequence[Any]) -> Any:
-        if (self.watch or self.borrowed) and self._blocked(args):  # only with lent outputs
+        if self.check and self._blocked(args):  # only with lent outputs or borrowed inputs
             self.busy += 1
             return BUSY
-        for i, buf in self.buffers.items():
+        for i, buf in self._buffer_items:
             self.copies += buf.refresh(args[i])
         self.graph.replay()
-        out = self.outputs
-        if isinstance(out, (tuple, list)):
-            return type(out)(self._hand_out(i, o) for i, o in enumerate(out))
-        return self._hand_out(0, out)
-
-    def _hand_out(self, i: int, o: Any) -> Any:
-        if not isinstance(o, torch.Tensor):
-            return o
-        return o.detach() if i in self.watch else o.clone()
+        outs = [o if h == 0 else o.detach() if h == 1 else o.clone() for o, h in zip(self._flat, self._hand)]
+        return outs[0] if self._sequence is None else self._sequence(outs)
 
 
 LEND_MIN_BYTES = 1 << 20  # smaller outputs are cloned even when lending (see _lendable)
@@ -257,10 +272,12 @@ class CudaGraphCache:
 
     def __init__(self, fn: Callable, static: Sequence[bool], max_bytes: int, name: str = "graph",
                  max_graphs: int = 4096, api: Any = None, device_type: str = "cuda",
-                 pool: SharedPool | None = None, lend: bool = False):
+                 pool: SharedPool | None = None, lend: bool = False, own_outputs: int = 0):
         self.fn = fn
         self.pool = pool  # None: a private pool per captured graph
         self.lend = lend and pool is not None  # lending needs the session's registry of lent outputs
+        # outputs before this position are lent whatever their size (``_lendable``)
+        self.own_outputs = own_outputs
         if self.lend:
             pool.caches.add(self)
         # the CUDA graph API and the device it captures on; tests pass a stand-in to check the
@@ -383,7 +400,7 @@ class CudaGraphCache:
             log.info("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
-        lent = self._lendable(outputs, inputs) if lend else frozenset()
+        lent = self._lendable(outputs, inputs, self.own_outputs) if lend else frozenset()
         for i in borrowed:
             # Held here it would count as an outside reference to the lender's output; if the
             # captured function itself kept the alias (a stand-in API replaying in Python does),
@@ -400,14 +417,25 @@ class CudaGraphCache:
         return captured
 
     @staticmethod
-    def _lendable(outputs: Any, inputs: Sequence[Any]) -> frozenset[int]:
-        """Outputs that may be handed out without a clone: tensors of at least ``LEND_MIN_BYTES``
-        sharing no storage with an input (a shared input buffer is rewritten by other graphs'
-        calls, a parameter is not ours). Small outputs (entropies, norms) are cloned: a clone
-        costs them a launch, while a lent one the caller keeps (the previous generation's
-        entropies) would make its graph run without replay."""
+    def _lendable(outputs: Any, inputs: Sequence[Any], own: int = 0) -> frozenset[int]:
+        """Outputs that may be handed out without a clone: tensors sharing no storage with an input
+        (a shared input buffer is rewritten by other graphs' calls, a parameter is not ours), either
+        among the first ``own`` (what Dynamo gets back and passes on: hidden state, K/V) or of at
+        least ``LEND_MIN_BYTES``. The outputs after the caller's own (entropies, kept indices) are
+        kept by the decider for the whole generation and the next one's decisions: lent, they would
+        make their graph run without replay; cloned, they cost a launch each. The caller's own
+        outputs are lent at any size: at the launch-bound early scales they are small, and a clone
+        there costs a launch and an allocation per output and the next graph a copy in (on the
+        H200: 932 clones per generation, the top host op under ``cProfile``).
+
+        Only outputs laid out as their clone would be (same strides, offset 0) are lent: a view
+        into a larger buffer (K split from a fused QKV projection) handed out as is would reach
+        the caller with other strides than the clone it got before lending started, and Dynamo
+        recompiles the next graph for them (guards on strides); that recompile's example inputs
+        then hold the lent output for good."""
         flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         return frozenset(i for i, o in enumerate(flat)
                          if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in taken
-                         and o.numel() * o.element_size() >= LEND_MIN_BYTES)
+                         and (i < own or o.numel() * o.element_size() >= LEND_MIN_BYTES)
+                         and o.storage_offset() == 0 and torch.empty_like(o).stride() == o.stride())
