@@ -158,6 +158,12 @@ class _FakeGraphAPI:
     def is_current_stream_capturing(self) -> bool:
         return False
 
+    @staticmethod
+    def record_replay(fn):
+        """What ``CudaGraphCache`` captures (the function and the copies into its lent outputs'
+        homes), replayed by rerunning it."""
+        return _replayable(fn)
+
     @contextlib.contextmanager
     def graph(self, g, pool=None):
         if self.fail:
@@ -355,12 +361,23 @@ def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
     (entry,) = own.graphs.values()
     assert set(entry.watch) == {0} and out.data_ptr() == entry.outputs[0].data_ptr()
     torch.testing.assert_close(out, small @ w)
-    assert set(CudaGraphCache._lendable((out, col), [small], own=2)) == {0, 1}
-    assert not CudaGraphCache._lendable((small[:1], col), [small], own=2) - {1}  # an input's storage: never lent
-    # a view into a larger buffer (K of a fused QKV) is cloned: lent, it would reach the caller with
-    # other strides than before lending started, and Dynamo would recompile for them
-    qkv = torch.randn(2, 3, 4)
-    assert CudaGraphCache._lendable((qkv[:, 1], qkv[:, 0], qkv), [small], own=3) == {2}
+    assert CudaGraphCache._lendable((out, col), own=2) == {0, 1} and CudaGraphCache._lendable((out, col), own=1) == {0}
+    # the lent output is handed out from its home, allocated outside the capture (the memory pool)
+    # and laid out as a clone: a view into a larger buffer (K of a fused QKV) reaches the caller
+    # with the strides it had before lending started, so Dynamo does not recompile for it
+    def k_of_qkv(x, w, n):
+        return (torch.cat([x @ w, x], 1) + n)[:, :4], x.sum(0)
+
+    split = CudaGraphCache(_replayable(k_of_qkv), static=[False, True, False], max_bytes=1 << 20, api=api,
+                           device_type="cpu", pool=pool, lend=True, own_outputs=1)
+    for _ in range(2):
+        x = torch.randn(2, 4)
+        k, _ = split(x, w, 1)
+        torch.testing.assert_close(k, x @ w + 1)
+        (entry,) = split.graphs.values()
+        assert k.stride() == (4, 1) and k.data_ptr() == entry.outputs[0].data_ptr()
+        del k
+    assert set(entry.watch) == {0} and split.replays == 2
 
 
 def test_a_graph_kept_from_replaying_is_captured_again_without_lending(monkeypatch):
@@ -541,8 +558,12 @@ def _replayable(fn):
                         o.copy_(v)
 
             g.work = work
+            # a capture leaves its outputs holding garbage, but never writes into its inputs: an
+            # output that is (a view of) an input keeps its values
+            taken = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
             for o in flat:
-                if isinstance(o, torch.Tensor) and o.is_floating_point():
+                if (isinstance(o, torch.Tensor) and o.is_floating_point()
+                        and o.untyped_storage().data_ptr() not in taken):
                     o.fill_(float("nan"))
         return outs
 

@@ -184,6 +184,22 @@ def _empty_like_layout(like: torch.Tensor) -> StaticInput:
     return StaticInput(torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device))
 
 
+def _copying_into(fn: Callable, homes: dict[int, torch.Tensor]) -> Callable:
+    """``fn`` whose outputs at ``homes``' positions are copied into them and returned from there."""
+    if not homes:
+        return fn
+
+    def fn_into_homes(*args: Any) -> Any:
+        outs = fn(*args)
+        flat = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        for i, home in homes.items():
+            home.copy_(flat[i])
+            flat[i] = home
+        return type(outs)(flat) if isinstance(outs, (tuple, list)) else flat[0]
+
+    return fn_into_homes
+
+
 class SharedPool:
     """One CUDA-graph memory pool for every graph a session captures.
 
@@ -372,13 +388,19 @@ class CudaGraphCache:
             side = api.Stream()
             side.wait_stream(api.current_stream())
             with api.stream(side):
-                self.fn(*inputs)
+                warm = self.fn(*inputs)
             api.current_stream().wait_stream(side)
+            homes = self._homes(warm, lend)
+            del warm
+            fn = _copying_into(self.fn, homes)
+            record = getattr(api, "record_replay", None)  # a stand-in API replaying in Python
+            if record is not None:
+                fn = record(fn)
             graph = api.CUDAGraph()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 with api.graph(graph, pool=None if self.pool is None else self.pool.get(api)):
-                    outputs = self.fn(*inputs)
+                    outputs = fn(*inputs)
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self.disabled = f"{type(err).__name__}: {err}"
             log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
@@ -400,7 +422,7 @@ class CudaGraphCache:
             log.info("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
-        lent = self._lendable(outputs, inputs, self.own_outputs) if lend else frozenset()
+        lent = frozenset(homes)
         for i in borrowed:
             # Held here it would count as an outside reference to the lender's output; if the
             # captured function itself kept the alias (a stand-in API replaying in Python does),
@@ -416,26 +438,33 @@ class CudaGraphCache:
             self.pool.lent[o.data_ptr()] = (self.pool.layout(o), captured, i)
         return captured
 
-    @staticmethod
-    def _lendable(outputs: Any, inputs: Sequence[Any], own: int = 0) -> frozenset[int]:
-        """Outputs that may be handed out without a clone: tensors sharing no storage with an input
-        (a shared input buffer is rewritten by other graphs' calls, a parameter is not ours), either
-        among the first ``own`` (what Dynamo gets back and passes on: hidden state, K/V) or of at
-        least ``LEND_MIN_BYTES``. The outputs after the caller's own (entropies, kept indices) are
-        kept by the decider for the whole generation and the next one's decisions: lent, they would
-        make their graph run without replay; cloned, they cost a launch each. The caller's own
-        outputs are lent at any size: at the launch-bound early scales they are small, and a clone
-        there costs a launch and an allocation per output and the next graph a copy in (on the
-        H200: 932 clones per generation, the top host op under ``cProfile``).
+    def _homes(self, outputs: Any, lend: bool) -> dict[int, torch.Tensor]:
+        """Per lendable output position, the tensor it is handed out from: allocated here, outside
+        the capture and so outside the memory pool, laid out as its clone would be.
 
-        Only outputs laid out as their clone would be (same strides, offset 0) are lent: a view
-        into a larger buffer (K split from a fused QKV projection) handed out as is would reach
-        the caller with other strides than the clone it got before lending started, and Dynamo
-        recompiles the next graph for them (guards on strides); that recompile's example inputs
-        then hold the lent output for good."""
+        Why outside the pool: the graphs of a session share one pool, and memory one capture freed
+        (its intermediates) may back a later capture's outputs, while the earlier graph still
+        writes its intermediates there on every replay. An output in the pool is therefore only
+        safe until the next replay of any other graph: cloned at once, as without lending, it is;
+        lent, it would be overwritten while the caller holds it (on the H200, NaN entropies).
+        Outside the pool only its own graph writes it, with one copy at the end of the replay,
+        inside the graph (no launch), and never while the caller holds it (``_Captured.run``).
+        Laid out as a clone, the caller sees the strides it saw before lending started, so Dynamo
+        does not recompile the next graph for them."""
+        if not lend:
+            return {}
         flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-        return frozenset(i for i, o in enumerate(flat)
-                         if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in taken
-                         and (i < own or o.numel() * o.element_size() >= LEND_MIN_BYTES)
-                         and o.storage_offset() == 0 and torch.empty_like(o).stride() == o.stride())
+        return {i: torch.empty_like(flat[i]) for i in self._lendable(flat, self.own_outputs)}
+
+    @staticmethod
+    def _lendable(outputs: Sequence[Any], own: int = 0) -> frozenset[int]:
+        """Outputs that may be handed out without a clone: tensors among the first ``own`` (what
+        Dynamo gets back and passes on: hidden state, K/V) or of at least ``LEND_MIN_BYTES``. The
+        outputs after the caller's own (entropies, kept indices) are kept by the decider for the
+        whole generation and the next one's decisions: lent, they would make their graph run
+        without replay; cloned, they cost a launch each. The caller's own outputs are lent at any
+        size: at the launch-bound early scales they are small, and a clone there costs a launch
+        and an allocation per output and the next graph a copy in (on the H200: 932 clones per
+        generation, the top host op under ``cProfile``)."""
+        return frozenset(i for i, o in enumerate(outputs)
+                         if isinstance(o, torch.Tensor) and (i < own or o.numel() * o.element_size() >= LEND_MIN_BYTES))
