@@ -378,6 +378,40 @@ def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
         assert k.stride() == (4, 1) and k.data_ptr() == entry.outputs[0].data_ptr()
         del k
     assert set(entry.watch) == {0} and split.replays == 2
+    assert api.pools[-1] == pool.get(api)  # small lent outputs: homes, the shared pool
+
+
+def test_large_lent_outputs_are_lent_in_place_from_a_private_pool(monkeypatch):
+    """A graph whose lendable outputs total ``PRIVATE_LEND_MIN_BYTES`` is captured into a pool of
+    its own and hands out its captured outputs themselves (no home, no copy); an output laid out
+    unlike its clone still goes through a home. Held outputs still keep the graph from replaying."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    monkeypatch.setattr(cuda_graphs, "PRIVATE_LEND_MIN_BYTES", 64)
+    api = _FakeGraphAPI()
+    pool = SharedPool(lending=True)
+
+    def block(x, w, n):
+        h = x @ w + n
+        return h, torch.cat([h, x], 1)[:, :4]  # a dense output, then a view into a larger buffer
+
+    cache = CudaGraphCache(_replayable(block), static=[False, True, False], max_bytes=1 << 20, api=api,
+                           device_type="cpu", pool=pool, lend=True, own_outputs=2)
+    w = torch.randn(4, 4)
+    for _ in range(3):
+        x = torch.randn(4, 4)
+        h, k = cache(x, w, 1)
+        torch.testing.assert_close(h, x @ w + 1)
+        torch.testing.assert_close(k, x @ w + 1)
+        assert k.stride() == (4, 1)
+        del h, k
+    (entry,) = cache.graphs.values()
+    assert api.pools == [None] and cache.private == 1 and cache.replays == 3
+    assert set(entry.watch) == {0, 1}
+    held, _ = cache(x, w, 1)
+    torch.testing.assert_close(cache(torch.zeros(4, 4), w, 1)[0], torch.ones(4, 4))  # runs without the graph
+    torch.testing.assert_close(held, x @ w + 1)
+    assert entry.busy == 1 and cache.replays == 4
 
 
 def test_a_graph_kept_from_replaying_is_captured_again_without_lending(monkeypatch):
@@ -576,7 +610,8 @@ def _busy(caches: list[CudaGraphCache]) -> int:
 
 @pytest.mark.parametrize("name,preset,lend", [("var-tiny", None, False), ("infinity-tiny", None, False),
                                               ("var-tiny", "fast", False), ("var-tiny-fastvar-released", None, False),
-                                              ("infinity-tiny", None, True), ("var-tiny-fastvar-released", None, True)])
+                                              ("infinity-tiny", None, True), ("var-tiny-fastvar-released", None, True),
+                                              ("infinity-tiny", None, "private")])
 def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name, preset, lend):
     """Every graph the backend would capture on a GPU (dense variants, planned blocks) is
     "captured" by the stand-in API and replayed: logits and decisions stay those of the plain path."""
@@ -602,6 +637,9 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)
     monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    if lend == "private":  # the tiny model's larger graphs lend in place from pools of their own
+        monkeypatch.setattr(cuda_graphs, "PRIVATE_LEND_MIN_BYTES", 4096)
+        lend = True
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
                          options={"policy": name, "inductor": False, "planned_blocks": True,
@@ -620,6 +658,7 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
         assert busy == 0, last_session().graph_pool().busy_by  # every lent output is free again when its graph runs next
         lent = set(last_session().graph_pool().lent)
         assert lent and not any(t.data_ptr() in lent for t in last_session().decider.cache.values())
+        assert (sum(c.private for c in made) > 0) == (cuda_graphs.PRIVATE_LEND_MIN_BYTES == 4096)
     rep = toprovar_fx.last_generation()
     if lend:
         # counted from the generation's first attention on: graphs called before it (the first
@@ -631,7 +670,9 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     entries = [e for c in made for e in c.graphs.values() if e is not None]
     assert (sum(len(e.borrowed) for e in entries) > 0) == lend  # graphs read lent outputs in place
     assert last_session().planned_calls > 0
-    assert api.handles == 1 + lend and set(api.pools) == {("pool", h) for h in range(1, 2 + lend)}
+    private = cuda_graphs.PRIVATE_LEND_MIN_BYTES == 4096
+    assert api.handles == 1 + lend and set(api.pools) - {None} == {("pool", h) for h in range(1, 2 + lend)}
+    assert (None in api.pools) == private  # pools of their own only for graphs lending in place
     assert (rep.start_scale, rep.flop_ratio) == (ref_rep.start_scale, ref_rep.flop_ratio)
     assert [[lay.action for lay in s.layers] for s in rep.scales] == [[lay.action for lay in s.layers]
                                                                       for s in ref_rep.scales]

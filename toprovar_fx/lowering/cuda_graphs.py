@@ -169,6 +169,8 @@ class _Captured:
 
 
 LEND_MIN_BYTES = 1 << 20  # smaller outputs are cloned even when lending (see _lendable)
+# a graph whose lendable outputs total this much lends them in place from a private pool (see _homes)
+PRIVATE_LEND_MIN_BYTES = 16 << 20
 # A graph that could not replay this many calls (a lent output still held, or a borrowed input
 # elsewhere) is captured again without lending or borrowing: whatever holds its outputs, it then
 # costs copies and clones instead of running without a graph for good. Counted in total, not in a
@@ -310,6 +312,7 @@ class CudaGraphCache:
         self.disabled: str | None = None
         self.replays = 0
         self.empty = 0  # captures that recorded no kernels (not used)
+        self.private = 0  # captures into a pool of their own (large outputs lent in place)
 
     def __call__(self, *args: Any) -> Any:
         if self.disabled is None and len(args) == self.n_args:
@@ -390,8 +393,10 @@ class CudaGraphCache:
             with api.stream(side):
                 warm = self.fn(*inputs)
             api.current_stream().wait_stream(side)
-            homes = self._homes(warm, lend)
+            homes, in_place = self._homes(warm, inputs, lend)
             del warm
+            # a graph lending large outputs in place owns its memory pool (see ``_homes``)
+            pool = None if self.pool is None or in_place else self.pool.get(api)
             fn = _copying_into(self.fn, homes)
             record = getattr(api, "record_replay", None)  # a stand-in API replaying in Python
             if record is not None:
@@ -399,7 +404,7 @@ class CudaGraphCache:
             graph = api.CUDAGraph()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                with api.graph(graph, pool=None if self.pool is None else self.pool.get(api)):
+                with api.graph(graph, pool=pool):
                     outputs = fn(*inputs)
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self.disabled = f"{type(err).__name__}: {err}"
@@ -422,7 +427,8 @@ class CudaGraphCache:
             log.info("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
-        lent = frozenset(homes)
+        lent = frozenset(homes) | in_place
+        self.private += bool(in_place)
         for i in borrowed:
             # Held here it would count as an outside reference to the lender's output; if the
             # captured function itself kept the alias (a stand-in API replaying in Python does),
@@ -438,23 +444,39 @@ class CudaGraphCache:
             self.pool.lent[o.data_ptr()] = (self.pool.layout(o), captured, i)
         return captured
 
-    def _homes(self, outputs: Any, lend: bool) -> dict[int, torch.Tensor]:
-        """Per lendable output position, the tensor it is handed out from: allocated here, outside
-        the capture and so outside the memory pool, laid out as its clone would be.
+    def _homes(self, outputs: Any, inputs: Sequence[Any], lend: bool) -> tuple[dict[int, torch.Tensor], frozenset[int]]:
+        """Where each lendable output is handed out from: per position, a home (a tensor allocated
+        here, outside the capture and so outside any memory pool, laid out as the output's clone
+        would be), or, for the positions returned second, the captured output itself, when the
+        graph is captured into a memory pool of its own.
 
-        Why outside the pool: the graphs of a session share one pool, and memory one capture freed
-        (its intermediates) may back a later capture's outputs, while the earlier graph still
-        writes its intermediates there on every replay. An output in the pool is therefore only
-        safe until the next replay of any other graph: cloned at once, as without lending, it is;
-        lent, it would be overwritten while the caller holds it (on the H200, NaN entropies).
-        Outside the pool only its own graph writes it, with one copy at the end of the replay,
-        inside the graph (no launch), and never while the caller holds it (``_Captured.run``).
-        Laid out as a clone, the caller sees the strides it saw before lending started, so Dynamo
-        does not recompile the next graph for them."""
+        Why not the captured output in the shared pool: the graphs of a session share one pool,
+        and memory one capture freed (its intermediates) may back a later capture's outputs, while
+        the earlier graph still writes its intermediates there on every replay. An output in the
+        shared pool is therefore only safe until any other graph replays: cloned at once, as
+        without lending, it is; lent, it would be overwritten while the caller holds it (on the
+        H200, NaN entropies). A home is written only by its own graph, with one copy at the end of
+        the replay, inside the graph (no launch), and never while the caller holds it
+        (``_Captured.run``). Laid out as a clone, the caller sees the strides it saw before lending
+        started, so Dynamo does not recompile the next graph for them.
+
+        The homes' copies cost GPU time where outputs are large (the hidden state and K/V of the
+        last scales). A graph whose lendable outputs total ``PRIVATE_LEND_MIN_BYTES`` or more is
+        therefore captured into a private pool instead, where nothing else writes, and lends its
+        outputs in place: those laid out as their clone and sharing no storage with an input
+        (which belongs to the caller or another graph). Its intermediates stay reserved for it:
+        memory traded for the copies, only where the copies are large."""
         if not lend:
-            return {}
+            return {}, frozenset()
         flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return {i: torch.empty_like(flat[i]) for i in self._lendable(flat, self.own_outputs)}
+        lendable = self._lendable(flat, self.own_outputs)
+        in_place: frozenset[int] = frozenset()
+        if self.pool is not None and sum(flat[i].numel() * flat[i].element_size() for i in lendable) >= PRIVATE_LEND_MIN_BYTES:
+            taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+            in_place = frozenset(i for i in lendable if flat[i].storage_offset() == 0
+                                 and flat[i].untyped_storage().data_ptr() not in taken
+                                 and torch.empty_like(flat[i]).stride() == flat[i].stride())
+        return {i: torch.empty_like(flat[i]) for i in lendable - in_place}, in_place
 
     @staticmethod
     def _lendable(outputs: Sequence[Any], own: int = 0) -> frozenset[int]:
