@@ -679,15 +679,19 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     assert max_rel_diff(got, ref) <= 1e-5
 
 
+def _compiled_var_tiny(**options):
+    """The var-tiny sampler call and a fresh toprovar compile of it with its policy and ``options``."""
+    m = model("var-tiny")
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny", **options})
+    return sampler_call("var-tiny", 1), fast
+
+
 def test_a_failing_planned_block_hands_over_to_the_dispatcher(monkeypatch):
     """Nothing is ticked or recorded before a planned call succeeds, so the dispatcher can take over."""
     from toprovar_fx.runtime.decisions import Decider
 
-    m = model("var-tiny")
-    call = sampler_call("var-tiny", 1)
-    torch._dynamo.reset()
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"policy": "var-tiny", "planned_blocks": False})
+    call, fast = _compiled_var_tiny(planned_blocks=False)
     call(fast)
     _, ref = call(fast)
     ref_rep = toprovar_fx.last_generation()
@@ -696,9 +700,7 @@ def test_a_failing_planned_block_hands_over_to_the_dispatcher(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Decider, "_run_planned", broken)
-    torch._dynamo.reset()
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"policy": "var-tiny", "planned_blocks": True})
+    _, fast = _compiled_var_tiny(planned_blocks=True)
     with pytest.warns(RuntimeWarning, match="a planned block failed"):
         call(fast)
     _, got = call(fast)
@@ -747,11 +749,7 @@ def test_no_compile_context_outlives_its_compile():
 
     from toprovar_fx.passes.context import PassContext
 
-    m = model("var-tiny")
-    call = sampler_call("var-tiny", 1)
-    torch._dynamo.reset()
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"policy": "var-tiny", "planned_blocks": True})
+    call, fast = _compiled_var_tiny(planned_blocks=True)
     call(fast)
     assert last_session().graphs > 0
     gc.collect()
