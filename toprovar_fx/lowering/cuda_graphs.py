@@ -7,8 +7,10 @@ cache grows by ``torch.cat`` into tensors the next scale reads after other graph
 cudagraph trees treat as overwritten outputs. Here every (input shapes, parameter addresses)
 pair gets its own graph with a private memory pool, the per-call inputs are copied into
 static buffers, and the outputs are cloned out after the replay, so callers see ordinary
-tensors with ordinary lifetimes. The graphs of one session share one memory pool
-(``SharedPool``) unless the option ``cuda_graph_pool: private`` asks for one pool per graph.
+tensors with ordinary lifetimes, or, with ``cuda_graph_lend_outputs``, lent from memory no other
+graph writes (``CudaGraphCache._homes``) while the caller holds them. The graphs of one session
+share one memory pool (``SharedPool``) unless the option ``cuda_graph_pool: private`` asks for one
+pool per graph.
 Only calls whose per-call inputs are small are captured
 (``max_bytes``): for large scales the copies would cost more than the launches they save,
 and those scales are GPU-bound anyway.
@@ -207,9 +209,10 @@ class SharedPool:
 
     Why sharing is safe here: a captured graph's memory that outlives its replay is its static
     inputs (allocated outside the capture, so outside the pool) and its static outputs, which
-    ``_Captured.run`` clones before any other graph runs. Intermediates freed at the end of one
-    capture may back a later graph's intermediates or outputs; replays are sequential on the
-    capturing stream, so no replay overwrites memory another graph still needs. What it saves:
+    ``_Captured.run`` clones before any other graph runs, or, when lent, which live outside this
+    pool (homes, or a graph's own pool: ``CudaGraphCache._homes``). Intermediates freed at the end
+    of one capture may back a later graph's intermediates or outputs; replays are sequential on
+    the capturing stream, so no replay overwrites memory another graph still needs. What it saves:
     the intermediates of every capture stay reserved in a private pool; shared, one capture's
     freed intermediates back the next one's.
 
