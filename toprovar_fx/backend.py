@@ -108,10 +108,11 @@ def _has_runtime_calls(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in _RUNTIME_CALLS for n in gm.graph.nodes)
 
 
-def _lower_whole(work: fx.GraphModule, example_inputs: list[Any], session: Session, graph_id: int,
-                 own_outputs: int) -> Callable:
-    """A graph without run-time decisions: Inductor (CUDA by default), then CUDA graphs for small
-    calls; its first ``own_outputs`` outputs are Dynamo's (the rest: hoisted entropies)."""
+def _lower_whole(work: fx.GraphModule, ctx: PassContext) -> Callable:
+    """A graph without run-time decisions (``work``, the passes' output for ``ctx``): Inductor (CUDA
+    by default), then CUDA graphs for small calls; the first ``ctx.n_outputs`` outputs are Dynamo's
+    (the rest: hoisted entropies). Nothing returned keeps ``ctx`` (it holds the example inputs)."""
+    session, example_inputs, graph_id = ctx.session, ctx.example_inputs, ctx.graph_id
     settings = session.settings
     fn: Callable = work.forward
     if _wants_inductor(settings, example_inputs):
@@ -122,7 +123,7 @@ def _lower_whole(work: fx.GraphModule, example_inputs: list[Any], session: Sessi
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
         fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}",
                             pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs,
-                            own_outputs=own_outputs)
+                            own_outputs=ctx.n_outputs)
     return fn
 
 
@@ -151,7 +152,7 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
     ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="prune")
     work = run_passes(_copy_graph_module(gm), ctx)
     if not _has_runtime_calls(work):
-        return _runner(session, _lower_whole(work, example_inputs, session, graph_id, ctx.n_outputs), ctx)
+        return _runner(session, _lower_whole(work, ctx), ctx)
     if _wants_inductor(session.settings, example_inputs):
         from .lowering.inductor_branches import compile_branches
 
@@ -163,16 +164,16 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
     dense_ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe",
                             reuse_site_ids=list(ctx.registered_site_ids))
     dense_work = run_passes(_copy_graph_module(gm), dense_ctx)
-    dense = _runner(session, _lower_whole(dense_work, example_inputs, session, graph_id, dense_ctx.n_outputs), dense_ctx,
-                    dense_variant=True)
+    dense = _runner(session, _lower_whole(dense_work, dense_ctx), dense_ctx, dense_variant=True)
     self_sites = sum(session.sites[sid].kind != "cross" for sid in dense_ctx.registered_site_ids)
-    planned = _planned_runner(work, ctx, session, graph_id, example_inputs) if self_sites == 1 else None
+    planned = _planned_runner(work, ctx) if self_sites == 1 else None
     return ScaleSwitchRunner(session, dense, pruned, self_sites, leading, planned)
 
 
-def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, graph_id: int,
-                    example_inputs: list[Any]) -> PlannedBlockRunner | None:
+def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunner | None:
     """``PlannedBlockRunner`` for a one-block dispatcher graph (option ``planned_blocks``), if it fits."""
+    # locals, not ``ctx``, in the closure below: ``ctx`` holds the compile's example inputs
+    session, graph_id, n_outputs = ctx.session, ctx.graph_id, ctx.n_outputs
     settings = session.settings
     if not settings.planned_blocks or ctx.hoisted or not ctx.spec_ids or mutates_inputs(work.graph):
         return None  # a replay must not depend on what an earlier call wrote into its inputs
@@ -182,8 +183,7 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext, session: Session, gr
         return None
     static = [is_static_input(n) for n in placeholders]
     max_bytes = int(8 * settings.cuda_graph_max_mib * 2**20)  # K/V copies of large scales included
-    use_graphs = _wants_cuda_graphs(settings, example_inputs)
-    n_outputs = ctx.n_outputs  # not ``ctx`` in the closure: it holds the compile's example inputs
+    use_graphs = _wants_cuda_graphs(settings, ctx.example_inputs)
 
     def wrap(fn: Callable, n_extra: int) -> Callable:
         """``fn`` replayed per input shapes; ``n_extra`` per-call inputs follow the graph's (kept
@@ -210,7 +210,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
         else:
             ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe")
             work = run_passes(_copy_graph_module(gm), ctx)
-            runner = _runner(session, _lower_whole(work, example_inputs, session, graph_id, ctx.n_outputs), ctx)
+            runner = _runner(session, _lower_whole(work, ctx), ctx)
     except Exception as err:  # noqa: BLE001 - any failure must fall back to the traced graph
         if settings.strict:
             raise

@@ -125,11 +125,9 @@ class _Captured:
         self.graph = graph
         self.inputs = inputs  # what the graph was captured with: buffers' tensors and static inputs
         self.buffers = buffers  # argument position -> its static buffer
-        self._buffer_items = tuple(buffers.items())
         self.outputs = outputs
         self.copies = 0  # copies made before replays (skipped ones not counted)
         self.borrowed = borrowed or {}
-        self._borrowed_items = tuple(self.borrowed.items())
         self._flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         self._sequence = type(outputs) if isinstance(outputs, (tuple, list)) else None
         # per output, how it is handed out: 0 as is (not a tensor), 1 an alias (lent), 2 a clone
@@ -139,8 +137,6 @@ class _Captured:
         self._storages = {i: self._flat[i].untyped_storage() for i in lent}
         # lent output position -> the references to its storage while nobody outside holds it
         self.watch = {i: _storage_use_count(st) for i, st in self._storages.items()}
-        self._watch_items = tuple((self._storages[i], base) for i, base in self.watch.items())
-        self.check = bool(self.watch or self.borrowed)
         self.busy = 0  # calls that ran without the graph because a lent output was still held
 
     def expect_held(self, position: int, extra: int) -> None:
@@ -151,19 +147,17 @@ class _Captured:
         for i, st in self._storages.items():
             if st._cdata == held:
                 self.watch[i] += max(extra, 0)
-        self._watch_items = tuple((self._storages[i], base) for i, base in self.watch.items())
 
     def _blocked(self, args: Sequence[Any]) -> bool:
-        for st, base in self._watch_items:
-            if _storage_use_count(st) != base:
-                return True
-        return any(args[i].data_ptr() != ptr for i, ptr in self._borrowed_items)
+        storages = self._storages
+        return (any(_storage_use_count(storages[i]) != base for i, base in self.watch.items())
+                or any(args[i].data_ptr() != ptr for i, ptr in self.borrowed.items()))
 
     def run(self, args: Sequence[Any]) -> Any:
-        if self.check and self._blocked(args):  # only with lent outputs or borrowed inputs
+        if (self.watch or self.borrowed) and self._blocked(args):  # only with lent outputs or borrowed inputs
             self.busy += 1
             return BUSY
-        for i, buf in self._buffer_items:
+        for i, buf in self.buffers.items():
             self.copies += buf.refresh(args[i])
         self.graph.replay()
         outs = [o if h == 0 else o.detach() if h == 1 else o.clone() for o, h in zip(self._flat, self._hand)]
