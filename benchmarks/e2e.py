@@ -1159,23 +1159,33 @@ def graph_calls_cell(calls: Sequence[tuple[int, int]]) -> str:
     return f"{statistics.median(c[0] for c in calls):.0f} / {statistics.median(c[1] for c in calls):.0f}"
 
 
-def last_two_class_rows(runs: Sequence[VariantRun], num_scales: int) -> list[list[str]]:
-    """Rows of the "Last two scales: GPU ms by kernel class" table, one per run with ``class_ms``:
-    variant, per ``KERNEL_CLASSES`` ``ms (calls)`` summed over the last two scales, the total kernel
-    ms and the GPU-busy ms (union) of the same scales."""
-    last = range(max(num_scales - 2, 0), num_scales)
+def scale_class_rows(runs: Sequence[VariantRun], scales: range) -> list[list[str]]:
+    """Rows of a "GPU ms by kernel class" table over ``scales`` (0-based), one per run with
+    ``class_ms``: variant, per ``KERNEL_CLASSES`` ``ms (calls)`` summed over those scales, the total
+    kernel ms and the GPU-busy ms (union) of the same scales."""
     rows = []
     for r in runs:
         prof = r.profile or {}
         class_ms, class_calls = prof.get("class_ms"), prof.get("class_calls")
         if not class_ms or not class_calls:
             continue
-        ms = {c: sum(class_ms[i].get(c, 0.0) for i in last) for c in KERNEL_CLASSES}
-        calls = {c: sum(class_calls[i].get(c, 0) for i in last) for c in KERNEL_CLASSES}
+        ms = {c: sum(class_ms[i].get(c, 0.0) for i in scales) for c in KERNEL_CLASSES}
+        calls = {c: sum(class_calls[i].get(c, 0) for i in scales) for c in KERNEL_CLASSES}
         busy = prof.get("busy_ms")
         rows.append([r.key] + [f"{ms[c]:.2f} ({calls[c]})" for c in KERNEL_CLASSES]
-                    + [_f(sum(ms.values()), ".2f"), _f(busy and sum(busy[i] for i in last), ".2f")])
+                    + [_f(sum(ms.values()), ".2f"), _f(busy and sum(busy[i] for i in scales), ".2f")])
     return rows
+
+
+def class_section(title: str, runs: Sequence[VariantRun], scales: range, note: str = "") -> list[str]:
+    """A "GPU ms by kernel class" section over ``scales`` (0-based)."""
+    lines = [f"### {title}: GPU ms by kernel class (profiled generation)", "",
+             f"Sums of kernel durations in ms (kernel count in parentheses) of the kernels launched in {title.lower()}; "
+             "kernels that overlap count twice, so the total may exceed the GPU-busy ms (the union). Names are "
+             f"classed by `kernel_class` in `benchmarks/e2e.py`.{note}", ""]
+    rows = scale_class_rows(runs, scales)
+    return lines + (_table(["variant", *KERNEL_CLASSES, "kernel ms", "GPU-busy ms"], rows) if rows
+                    else ["(not measured)", ""])
 
 
 def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
@@ -1233,13 +1243,14 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
     lines += scale_table("Per-scale kernel launches (profiled generation)", "launches", "d", have("launches"))
     lines += scale_table("Per-scale GPU-busy ms (profiled generation, union of kernel intervals)", "busy_ms",
                          ".2f", have("busy_ms"))
-    lines += ["### Last two scales: GPU ms by kernel class (profiled generation)", "",
-              "Sums of kernel durations in ms (kernel count in parentheses) of the kernels launched in the "
-              "last two scales; kernels that overlap count twice, so the total may exceed the GPU-busy ms "
-              "(the union). Names are classed by `kernel_class` in `benchmarks/e2e.py`.", ""]
-    class_rows = last_two_class_rows(shown, k)
-    lines += (_table(["variant", *KERNEL_CLASSES, "kernel ms", "GPU-busy ms"], class_rows) if class_rows
-              else ["(not measured)", ""])
+    early = range(0, min(5, max(k - 2, 0)))
+    if early:
+        rows_lo, rows_hi = (2 * b.schedule[i][0] * b.schedule[i][1] for i in (early[0], early[-1]))
+        lines += class_section(f"The first {len(early)} scales", shown, early,
+                               f" Each scale reads every weight of the model ({weights / 2**30:.2f} GiB) at least "
+                               f"once for {rows_lo} to {rows_hi} token rows (batch 1, CFG): memory- and "
+                               "kernel-count-bound, not FLOP-bound.")
+    lines += class_section("The last two scales", shown, range(max(k - 2, 0), k))
     lines += scale_table("Per-scale executed / dense FLOPs (toprovar report)", "flop_ratio", ".3f",
                          have("flop_ratio"))
     lines += ["### Host time in `toprovar.*` profiler ranges (profiled generation)", ""]

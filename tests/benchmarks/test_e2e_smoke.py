@@ -254,11 +254,11 @@ def test_summarize_trace_kernel_classes(e2e: ModuleType) -> None:
     assert e2e.summarize_trace(_class_trace(e2e), 3, gpu=True)["class_ms"] is None  # no per-scale split
 
 
-def test_last_two_class_rows_and_section(e2e: ModuleType) -> None:
+def test_scale_class_rows(e2e: ModuleType) -> None:
     prof = e2e.summarize_trace(_class_trace(e2e), 2, gpu=True)
     runs = [e2e.VariantRun(v) for v in e2e.model_variants("infinity-2b") if v.key in ("eager", "toprovar")]
     runs[1].profile = prof  # toprovar; eager has no profile: no row
-    rows = e2e.last_two_class_rows(runs, 2)
+    rows = e2e.scale_class_rows(runs, range(0, 2))
     # scales 1 and 2 of 2: kernel ms 100 + 33; busy 100 (15..75 and 105..145) + 28
     assert rows == [["toprovar", "68.00 (3)", "6.00 (1)", "4.00 (1)", "52.00 (3)", "3.00 (1)", "0.00 (0)",
                      "133.00", "128.00"]]
@@ -267,10 +267,11 @@ def test_last_two_class_rows_and_section(e2e: ModuleType) -> None:
 def test_markdown_has_kernel_class_section(result: dict[str, Any]) -> None:
     """The CPU run has no kernels: the section is there, without rows."""
     md = result["md"]
-    title = "### Last two scales: GPU ms by kernel class (profiled generation)"
-    assert title in md
-    after_busy = md.index("### Per-scale GPU-busy ms") < md.index(title) < md.index("### Per-scale executed")
-    assert after_busy and "`kernel_class`" in md.split(title)[1].split("###")[0]
+    for title in ("### The first 5 scales: GPU ms by kernel class (profiled generation)",
+                  "### The last two scales: GPU ms by kernel class (profiled generation)"):
+        assert title in md
+        after_busy = md.index("### Per-scale GPU-busy ms") < md.index(title) < md.index("### Per-scale executed")
+        assert after_busy and "`kernel_class`" in md.split(title)[1].split("###")[0]
 
 
 def test_later_toprovar_variants_are_estimated_from_the_first(e2e: ModuleType) -> None:
