@@ -438,6 +438,9 @@ class VariantRun:
     graph_calls_timed: list[tuple[int, int]] = field(default_factory=list)
     busy_graphs: dict[str, int] = field(default_factory=dict)  # graphs that ran without replay, session totals
     peak_bytes_b1: int | None = None
+    # what the caching allocator holds for the variant after its warm-up (CUDA-graph pools
+    # included, which the allocated peak does not count once their intermediates are freed)
+    reserved_bytes_b1: int | None = None
     image: torch.Tensor | None = None  # the last warm-up generation's images (CPU, fp32)
     logits: list[torch.Tensor] = field(default_factory=list)  # per scale, one extra generation after warm-up
     kv_bytes_b1: int | None = None
@@ -641,7 +644,10 @@ def _own_peak(b: Bench, before: int) -> int:
 
 
 def compile_and_warm(b: Bench, run: VariantRun) -> None:
+    if b.cuda:
+        torch.cuda.empty_cache()  # cached blocks of earlier variants would back this one's
     before = torch.cuda.memory_allocated() if b.cuda else 0
+    before_reserved = torch.cuda.memory_reserved() if b.cuda else 0
     run.fn = run.variant.build(b.model)
     first = b.gen(run)
     run.first_call_ms = first.wall_ms
@@ -656,6 +662,7 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
             run.kv_bytes_b1 = g.kv_bytes
             if b.cuda:
                 run.peak_bytes_b1 = _own_peak(b, before)
+                run.reserved_bytes_b1 = torch.cuda.memory_reserved() - before_reserved + b.base_bytes
             out = g.output[0] if isinstance(g.output, (tuple, list)) else g.output
             run.image = out.detach().float().cpu() if isinstance(out, torch.Tensor) else None
         if g.segments_ms is None:
@@ -1218,10 +1225,10 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
         rows.append([r.key, _f(x["flop_ratio"], ".3f"), _f(x["vs_eager"], ".2f", "x"), _f(x["flop_bound"], ".2f", "x"),
                      _f(x["last2_measured"], ".2f", "x"), _f(x["last2_flop_bound"], ".2f", "x"),
                      _f(x["last2_fraction"] and 100 * x["last2_fraction"], ".0f", "%"),
-                     _gib(r.peak_bytes_b1), _mib(r.kv_bytes_b1), _gib(r.peak_bytes_b8), _mib(r.kv_bytes_b8),
+                     _gib(r.peak_bytes_b1), _gib(r.reserved_bytes_b1), _mib(r.kv_bytes_b1), _gib(r.peak_bytes_b8), _mib(r.kv_bytes_b8),
                      r.b8_note or ""])
     lines += _table(["variant", "FLOP ratio", "measured vs eager", "FLOP-bound", f"last 2 measured (vs {a['best_dense_last2'] or '-'})",
-                     "last 2 FLOP-bound", "measured/bound", "peak GiB B=1", "K/V MiB B=1", f"peak GiB B={bm}",
+                     "last 2 FLOP-bound", "measured/bound", "peak GiB B=1", "reserved GiB B=1", "K/V MiB B=1", f"peak GiB B={bm}",
                      f"K/V MiB B={bm}", f"B={bm} note"], rows)
 
     def scale_table(title: str, field_: str, spec: str, keys: list[str]) -> list[str]:

@@ -38,6 +38,9 @@ class Settings:
     # Hand CUDA-graph outputs out as aliases instead of clones, and let a graph read another
     # graph's output in place (no copy); a graph whose output is still held runs without replay.
     cuda_graph_lend_outputs: bool = True
+    # Most memory (MiB) the pools of graphs that lend large outputs in place may reserve in all;
+    # past it such graphs lend through copies into homes. None = 1/16 of the GPU's memory.
+    cuda_graph_private_max_mib: float | None = None
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
     # CUDA graphs per decision signature (runtime/block_plans.py).
     planned_blocks: bool = True
@@ -68,6 +71,9 @@ _OPTION_DOCS = {
     "cuda_graph_lend_outputs": "bool: hand CUDA-graph outputs out without a clone and read them in place "
                                "in the next graph, from the first generation after one that compiled nothing (default on; "
                                "needs cuda_graph_pool: shared)",
+    "cuda_graph_private_max_mib": "number >= 0: most memory (MiB) reserved in all by the own pools of graphs "
+                                  "that lend large outputs in place; past it they lend through a copy "
+                                  "(default: 1/16 of the GPU's memory)",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
                       "(default on)",
     "strict": "bool: raise instead of falling back to dense",
@@ -101,6 +107,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     max_mib = options.get("cuda_graph_max_mib", 64.0)
     if not isinstance(max_mib, (int, float)) or isinstance(max_mib, bool) or not max_mib > 0:
         raise ValueError(f"toprovar: option 'cuda_graph_max_mib' must be a number > 0, got {max_mib!r}")
+    private_mib = options.get("cuda_graph_private_max_mib")
+    if private_mib is not None and (not isinstance(private_mib, (int, float)) or isinstance(private_mib, bool)
+                                    or not private_mib >= 0):
+        raise ValueError(f"toprovar: option 'cuda_graph_private_max_mib' must be a number >= 0, got {private_mib!r}")
     pool = options.get("cuda_graph_pool", "shared")
     if pool not in CUDA_GRAPH_POOLS:
         raise ValueError(f"toprovar: option 'cuda_graph_pool' must be one of {CUDA_GRAPH_POOLS}, got {pool!r}")
@@ -123,6 +133,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graph_max_mib=float(max_mib),
         cuda_graph_pool=pool,
         cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", True)),
+        cuda_graph_private_max_mib=None if private_mib is None else float(private_mib),
         planned_blocks=bool(options.get("planned_blocks", True)),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,

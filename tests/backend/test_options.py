@@ -20,6 +20,8 @@ def test_unknown_option_lists_valid_ones():
         ({"policy": 3.5}, "'policy' must be a policy name"),
         ({"cuda_graph_pool": "per-graph"}, "'cuda_graph_pool' must be one of"),
         ({"cuda_graph_max_mib": 0}, "'cuda_graph_max_mib' must be a number > 0"),
+        ({"cuda_graph_private_max_mib": -1}, "'cuda_graph_private_max_mib' must be a number >= 0"),
+        ({"cuda_graph_private_max_mib": "8G"}, "'cuda_graph_private_max_mib' must be a number >= 0"),
     ],
 )
 def test_bad_option_values(options, message):
@@ -34,6 +36,8 @@ def test_defaults_and_mode_resolution():
     assert parse_options({"policy": "var-tiny", "mode": "observe"}).resolved_mode == "observe"
     assert s.planned_blocks and s.cuda_graph_pool == "shared"
     assert parse_options({"cuda_graph_pool": "private", "planned_blocks": False}).cuda_graph_pool == "private"
+    assert s.cuda_graph_private_max_mib is None  # 1/16 of the GPU, resolved at the first capture
+    assert parse_options({"cuda_graph_private_max_mib": 0}).cuda_graph_private_max_mib == 0.0
 
 
 def test_backend_is_found_by_name_through_the_entry_point():
@@ -45,3 +49,11 @@ def test_unknown_option_fails_the_compile():
     fn = torch.compile(lambda x: x + 1, backend="toprovar", options={"bogus": True})
     with pytest.raises(Exception, match="unknown option"):
         fn(torch.ones(2))
+
+
+def test_the_private_pool_budget_reaches_the_sessions_graph_pool():
+    from toprovar_fx.runtime.session import Session
+
+    pool = Session(parse_options({"cuda_graph_private_max_mib": 512}), None).graph_pool()
+    assert pool.private_budget == 512 * 2**20
+    assert Session(parse_options(None), None).graph_pool().private_budget is None  # resolved from the device

@@ -144,6 +144,11 @@ class _FakeGraphAPI:
         self.captures = 0
         self.pools: list = []  # the pool argument of every capture
         self.handles = 0
+        self.reserved = 0  # bytes "reserved" by captures: ``private_cost`` per capture into a pool of its own
+        self.private_cost = 0
+
+    def memory_reserved(self) -> int:
+        return self.reserved
 
     def graph_pool_handle(self):
         self.handles += 1
@@ -170,6 +175,8 @@ class _FakeGraphAPI:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
         self.pools.append(pool)
+        if pool is None:
+            self.reserved += self.private_cost
         _FakeGraphAPI.capturing[:] = [g]
         try:
             yield
@@ -412,6 +419,52 @@ def test_large_lent_outputs_are_lent_in_place_from_a_private_pool(monkeypatch):
     torch.testing.assert_close(cache(torch.zeros(4, 4), w, 1)[0], torch.ones(4, 4))  # runs without the graph
     torch.testing.assert_close(held, x @ w + 1)
     assert entry.busy == 1 and cache.replays == 4
+
+
+def test_pools_of_their_own_stop_at_the_memory_budget(monkeypatch):
+    """Graphs lend in place from pools of their own only while those pools reserve less than the
+    budget (``cuda_graph_private_max_mib``); later large graphs lend through homes, with the same
+    values. A graph captured again without lending gives its pool's bytes back."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    monkeypatch.setattr(cuda_graphs, "PRIVATE_LEND_MIN_BYTES", 64)
+    api = _FakeGraphAPI()
+    api.private_cost = 1000
+    pool = SharedPool(lending=True, private_budget=1500)
+    caches = [CudaGraphCache(_replayable(lambda x, w: (x @ w,)), static=[False, True], max_bytes=1 << 20, api=api,
+                             device_type="cpu", pool=pool, lend=True, own_outputs=1) for _ in range(3)]
+    ws = [torch.randn(4, 4) for _ in caches]
+    for _ in range(2):
+        x = torch.randn(4, 4)
+        for cache, w in zip(caches, ws):
+            (h,) = cache(x, w)
+            torch.testing.assert_close(h, x @ w)
+            del h
+    # the first fits, the second overshoots by what only its capture could tell, the third gets a home
+    assert [c.private for c in caches] == [1, 1, 0] and api.pools[:2] == [None, None]
+    assert pool.private_bytes == 2000 and api.pools[2] is not None
+    (third,) = caches[2].graphs.values()
+    assert third.own_pool_bytes == 0 and set(third.watch) == {0}  # lent, through a home
+    (first,) = caches[0].graphs.values()
+    caches[0]._capture_without_lending(next(iter(caches[0].graphs)), first, (x, ws[0]))
+    assert pool.private_bytes == 1000
+
+
+def test_the_private_pool_budget_defaults_to_a_sixteenth_of_the_device():
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    class Device:
+        def current_device(self):
+            return 0
+
+        def get_device_properties(self, index):
+            return type("Props", (), {"total_memory": 16 << 30})()
+
+    pool = SharedPool(lending=True)
+    assert pool.private_room(Device()) and pool.private_budget == 1 << 30
+    pool.private_bytes = 1 << 30
+    assert not pool.private_room(Device())
+    assert SharedPool(lending=True).private_room(_FakeGraphAPI())  # no device to ask: no budget
 
 
 def test_a_graph_kept_from_replaying_is_captured_again_without_lending(monkeypatch):

@@ -138,6 +138,7 @@ class _Captured:
         # lent output position -> the references to its storage while nobody outside holds it
         self.watch = {i: _storage_use_count(st) for i, st in self._storages.items()}
         self.busy = 0  # calls that ran without the graph because a lent output was still held
+        self.own_pool_bytes = 0  # memory reserved by the graph's own pool (lending in place), else 0
 
     def expect_held(self, position: int, extra: int) -> None:
         """``extra`` more references to output ``position``'s storage are held for good (by a
@@ -218,7 +219,7 @@ class SharedPool:
     (benchmarks/results/e2e.md, "Memory").
     """
 
-    def __init__(self, lending: bool = False) -> None:
+    def __init__(self, lending: bool = False, private_budget: int | None = None) -> None:
         self.handle: Any = None
         self.buffers: dict[tuple[Any, ...], StaticInput] = {}
         # address -> (layout, owning graph, output position) of every lent static output (option
@@ -232,6 +233,28 @@ class SharedPool:
         self.replays = 0  # calls replayed by the pool's graphs
         # per graph name: calls that had a graph but ran without it (a lent output still held)
         self.busy_by: dict[str, int] = {}
+        # bytes the own pools of graphs lending in place may reserve in all (None: resolved from the
+        # device at the first such capture, ``private_room``), and what they reserved so far
+        self.private_budget = private_budget
+        self.private_bytes = 0
+
+    def private_room(self, api: Any) -> bool:
+        """Whether one more graph may lend in place from a pool of its own (``CudaGraphCache._homes``).
+
+        Why a budget: such a pool keeps the graph's intermediates reserved for it, so the memory
+        grows with the number of large graphs. At batch 1 that costs less than the clones it
+        replaces, but at batch 8 the last scales' graphs of Infinity-2B reserved about 57 GiB in
+        all and the next capture ran out of memory on the H200
+        (``benchmarks/results/e2e.md``, fifth session). Past the budget, graphs lend through homes
+        (one copy per output inside the graph). One graph may overshoot it: its size is known only
+        after its capture."""
+        if self.private_budget is None:
+            try:
+                total = api.get_device_properties(api.current_device()).total_memory
+            except (AttributeError, RuntimeError):  # a stand-in API without devices: no budget
+                total = None
+            self.private_budget = -1 if total is None else total // 16
+        return self.private_budget < 0 or self.private_bytes < self.private_budget
 
     def start_lending(self) -> int:
         """From now on captures lend outputs; graphs captured before are dropped so that they are
@@ -360,6 +383,7 @@ class CudaGraphCache:
         new = self._capture(args, lend=False)
         for i in old.watch:
             self.pool.lent.pop(old._flat[i].data_ptr(), None)
+        self.pool.private_bytes -= old.own_pool_bytes  # its pool is freed with it
         if self.disabled is None:
             self.graphs[key] = new
 
@@ -399,10 +423,13 @@ class CudaGraphCache:
             if record is not None:
                 fn = record(fn)
             graph = api.CUDAGraph()
+            reserved = getattr(api, "memory_reserved", None) if in_place else None
+            before = reserved() if reserved is not None else 0
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 with api.graph(graph, pool=pool):
                     outputs = fn(*inputs)
+            own_pool = reserved() - before if reserved is not None else 0
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self.disabled = f"{type(err).__name__}: {err}"
             log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
@@ -426,6 +453,8 @@ class CudaGraphCache:
             return None
         lent = frozenset(homes) | in_place
         self.private += bool(in_place)
+        if in_place:
+            self._account_private(own_pool)
         for i in borrowed:
             # Held here it would count as an outside reference to the lender's output; if the
             # captured function itself kept the alias (a stand-in API replaying in Python does),
@@ -436,6 +465,8 @@ class CudaGraphCache:
             owner, position = self.pool.lent[borrowed[i]][1:]
             owner.expect_held(position, 1 - (with_alias - _use_count(args[i])))  # 1: the alias lives on
         captured = _Captured(graph, inputs, buffers, outputs, lent, borrowed)
+        if in_place:
+            captured.own_pool_bytes = own_pool
         for i in lent:
             o = outputs[i] if isinstance(outputs, (tuple, list)) else outputs
             self.pool.lent[o.data_ptr()] = (self.pool.layout(o), captured, i)
@@ -462,18 +493,29 @@ class CudaGraphCache:
         therefore captured into a private pool instead, where nothing else writes, and lends its
         outputs in place: those laid out as their clone and sharing no storage with an input
         (which belongs to the caller or another graph). Its intermediates stay reserved for it:
-        memory traded for the copies, only where the copies are large."""
+        memory traded for the copies, only where the copies are large, and only while the session's
+        own pools reserve less than their budget (``SharedPool.private_room``)."""
         if not lend:
             return {}, frozenset()
         flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         lendable = self._lendable(flat, self.own_outputs)
         in_place: frozenset[int] = frozenset()
-        if self.pool is not None and sum(flat[i].numel() * flat[i].element_size() for i in lendable) >= PRIVATE_LEND_MIN_BYTES:
+        large = sum(flat[i].numel() * flat[i].element_size() for i in lendable) >= PRIVATE_LEND_MIN_BYTES
+        if self.pool is not None and large and self.pool.private_room(self.api):
             taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
             in_place = frozenset(i for i in lendable if flat[i].storage_offset() == 0
                                  and flat[i].untyped_storage().data_ptr() not in taken
                                  and torch.empty_like(flat[i]).stride() == flat[i].stride())
         return {i: torch.empty_like(flat[i]) for i in lendable - in_place}, in_place
+
+    def _account_private(self, nbytes: int) -> None:
+        pool = self.pool
+        had_room = pool.private_room(self.api)
+        pool.private_bytes += nbytes
+        if had_room and not pool.private_room(self.api):
+            log.info("toprovar: CUDA-graph pools of their own reserve %.0f MiB (budget %.0f MiB, option "
+                     "cuda_graph_private_max_mib); later graphs lend their large outputs through a copy",
+                     pool.private_bytes / 2**20, pool.private_budget / 2**20)
 
     @staticmethod
     def _lendable(outputs: Sequence[Any], own: int = 0) -> frozenset[int]:

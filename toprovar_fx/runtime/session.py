@@ -113,7 +113,8 @@ class Session:
         if self._graph_pool is None:
             from ..lowering.cuda_graphs import SharedPool
 
-            self._graph_pool = SharedPool()
+            mib = self.settings.cuda_graph_private_max_mib
+            self._graph_pool = SharedPool(private_budget=None if mib is None else int(mib * 2**20))
         return self._graph_pool
 
     def add_site(self, **kw: Any) -> SiteInfo:
