@@ -606,6 +606,27 @@ class Bench:
         return min(5, self.args.rounds) * gens + 2 * gens + profiles
 
 
+# a variant about to be compiled needs this many times the largest batch-1 peak of those before it
+MEMORY_MARGIN = 1.25
+
+
+def memory_shortfall(peaks: Sequence[int], free: int) -> str | None:
+    """Why the next variant should not be compiled in this process: ``peaks`` are the batch-1
+    peaks (bytes beyond the weights and prompt) of the variants compiled so far, ``free`` the
+    device's free bytes now. Every compiled variant stays alive for the interleaved rounds, with
+    its CUDA graphs; once one more does not fit, the next generation of every variant runs out of
+    memory too (Infinity-8B with six variants, ``benchmarks/results/e2e-8b-oom-six-variants.md``).
+    None: go ahead (also before the first variant, whose need is unknown)."""
+    if not peaks:
+        return None
+    need = MEMORY_MARGIN * max(peaks)
+    if free >= need:
+        return None
+    return (f"memory: about {need / 2**30:.1f} GiB needed ({MEMORY_MARGIN:g} x the largest batch-1 peak so far), "
+            f"{free / 2**30:.1f} GiB free with the variants before it alive; measure it in a separate call "
+            "(--variants)")
+
+
 def compile_phase(b: Bench) -> None:
     """Build every variant; first call (= compile), warm-up calls, batch-1 memory and the report."""
     for run in b.runs:
@@ -623,6 +644,13 @@ def compile_phase(b: Bench) -> None:
             run.skip(f"everything: time budget (about {need:.0f} s to compile and warm up, "
                      f"{b.budget.left() - reserve:.0f} s left after reserving the measurements)")
             continue
+        if b.cuda:
+            torch.cuda.empty_cache()
+            short = memory_shortfall([r.peak_bytes_b1 - b.base_bytes for r in b.runs if r.peak_bytes_b1 is not None],
+                                     torch.cuda.mem_get_info()[0])
+            if short is not None:
+                run.skip(f"everything: {short}")
+                continue
         allowed = b.budget.left() - b.measurement_reserve(done)
         log.info("%s: compiling (estimate %.0f s, allowed %.0f s)", run.key, need, allowed)
         try:
@@ -771,6 +799,7 @@ def batch_memory_phase(b: Bench) -> None:
             run.skipped.append(f"memory at batch {batch}: time budget")
             continue
         separate_first = compile_s > 0 and b.budget.left() >= compile_s + 2 * gen_s
+        torch.cuda.empty_cache()  # the blocks cached for the previous variant cannot back CUDA-graph pools
         before = torch.cuda.memory_allocated()
         try:
             with deadline(max(b.budget.left(), 5.0), f"{run.key} batch {batch}"):

@@ -313,3 +313,11 @@ def test_guard_filter_variant_generates_what_toprovar_does(e2e: ModuleType) -> N
         torch._dynamo.reset()
     assert "guard_filter_fn" in filtered.options  # build copied the options; torch popped from the copy
     torch.testing.assert_close(images[1], images[0])
+
+
+def test_a_variant_is_skipped_when_it_would_not_fit_in_memory(e2e: ModuleType) -> None:
+    gib = 2**30
+    assert e2e.memory_shortfall([], 0) is None  # the first variant: nothing to estimate from
+    assert e2e.memory_shortfall([10 * gib, 20 * gib], 26 * gib) is None
+    why = e2e.memory_shortfall([10 * gib, 20 * gib], 24 * gib)
+    assert why is not None and "25.0 GiB needed" in why and "24.0 GiB free" in why and "--variants" in why

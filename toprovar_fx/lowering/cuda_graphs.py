@@ -242,12 +242,12 @@ class SharedPool:
         """Whether one more graph may lend in place from a pool of its own (``CudaGraphCache._homes``).
 
         Why a budget: such a pool keeps the graph's intermediates reserved for it, so the memory
-        grows with the number of large graphs. At batch 1 that costs less than the clones it
-        replaces, but at batch 8 the last scales' graphs of Infinity-2B reserved about 57 GiB in
-        all and the next capture ran out of memory on the H200
-        (``benchmarks/results/e2e.md``, fifth session). Past the budget, graphs lend through homes
-        (one copy per output inside the graph). One graph may overshoot it: its size is known only
-        after its capture."""
+        grows with the number of large graphs and with the batch. On Infinity-2B at batch 1 they
+        reserve about 3 GiB more than cloning (22.1 against 18.9 GiB reserved on the H200,
+        ``benchmarks/results/e2e-2026-11-29-private-budget.md``), which the lending gain is worth;
+        the intermediates scale with the rows, so at batch 8 it would be several times that. Past
+        the budget, graphs lend through homes (one copy per output inside the graph). One graph may
+        overshoot it: its size is known only after its capture."""
         if self.private_budget is None:
             try:
                 total = api.get_device_properties(api.current_device()).total_memory
