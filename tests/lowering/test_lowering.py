@@ -807,3 +807,46 @@ def test_no_compile_context_outlives_its_compile():
     assert last_session().graphs > 0
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is PassContext]
+
+
+@pytest.mark.parametrize("name,chain", [("var-tiny", ["self_attn", "ffn"]),
+                                        ("infinity-tiny", ["self_attn", "cross_attn", "ffn"])])
+def test_planned_blocks_hand_kept_tokens_on_between_pruned_branches(monkeypatch, name, chain):
+    """In a planned block whose branches all prune the same kept tokens, each branch after the
+    first takes the previous one's kept tokens (no scatter, no gather between them) and the block
+    writes them back once: the same logits, bit for bit, with one gather and one write-back per
+    block instead of one of each per branch."""
+    import toprovar_fx.passes.insert_branch_dispatch as ibd
+    from toprovar_fx.runtime import decisions, token_ops
+
+    calls: dict[str, int] = {}
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for fn in (token_ops.gather_tokens, token_ops.restore_identity, token_ops.restore_kept):
+        monkeypatch.setattr(decisions, fn.__name__, counted(fn))
+    m = model(name)
+    call = sampler_call(name, 1)
+    results = {}
+    for chains in (True, False):
+        if not chains:
+            monkeypatch.setattr(ibd, "_mark_chains", lambda gm, session: 0)
+        torch._dynamo.reset()
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": name})
+        call(fast)
+        calls.clear()
+        _, logits = call(fast)
+        marked = [b.kind for b in last_session().branches if b.hidden_from_previous]
+        results[chains] = logits, dict(calls), marked, toprovar_fx.last_generation().planned_blocks
+    (a, calls_on, marked_on, planned_on), (b, calls_off, marked_off, planned_off) = results[True], results[False]
+    assert marked_on[: len(chain) - 1] == chain[1:] and marked_off == []  # every branch after a block's first
+    assert planned_on == planned_off > 0
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    pruned_branches = calls_off["restore_identity"]
+    blocks = calls_on["restore_kept"]
+    assert blocks > 0 and "restore_identity" not in calls_on and pruned_branches == len(chain) * blocks
+    assert calls_off["gather_tokens"] - calls_on["gather_tokens"] == pruned_branches - blocks

@@ -141,7 +141,7 @@ class PlannedBlockRunner:
         fn = self.by_signature.get(plan.signature)
         if fn is None:
             fn = self.by_signature[plan.signature] = self.wrap(self._planned_fn, 1 + len(cached))
-        decider.plan_run = PlanRun(plan, cached=cached)
+        decider.plan_run = PlanRun(plan, specs=tuple(specs), cached=cached)
         try:
             outs = fn(*args, idx, *cached)
         except Exception as err:  # noqa: BLE001 - nothing happened yet: the dispatcher runs the block

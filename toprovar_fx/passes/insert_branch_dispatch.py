@@ -13,11 +13,13 @@ is moved into a submodule ``toprovar_branch_<i>`` returning ``(delta, *escapes, 
 the add and the region are replaced by one ``dispatch_branch`` call returning
 ``(x_new, *escapes)``; uses are rewired; the entropy nodes moved inside are removed from
 ``ctx.rewritten`` so they are not hoisted. The submodule holds plain tensor code (Inductor
-can compile it); non-prunable branches are left in place.
+can compile it); non-prunable branches are left in place. A branch whose hidden input is the
+previous dispatch call's ``x_new`` and nothing else's has ``BranchSpec.hidden_from_previous``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch.fx as fx
@@ -96,6 +98,30 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 graph.erase_node(n)
         ctx.rewritten = [(s, e) for s, e in ctx.rewritten if e not in region]
         done += 1
+    chained = _mark_chains(gm, session) if done else 0
     if done:
         finalize(gm)
-    return PassResult(gm, bool(done), f"{done} branch(es) routed through the runtime dispatcher")
+    return PassResult(gm, bool(done), f"{done} branch(es) routed through the runtime dispatcher, "
+                                      f"{chained} taking the previous one's output alone")
+
+
+def _mark_chains(gm: fx.GraphModule, session) -> int:
+    """Set ``BranchSpec.hidden_from_previous`` on every dispatch call whose hidden input is the
+    ``x_new`` of the dispatch call just before it, used by nothing else (not even another input
+    of the same call). Then a planned block may pass that branch the kept tokens themselves
+    (``runtime.token_ops.KeptTokens``), which no other graph code can see. Returns the count."""
+    marked = 0
+    prev = None
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not dispatch_branch:
+            continue
+        spec_id = node.args[1]
+        spec = session.branches[spec_id]
+        inputs = node.args[3:]
+        h = inputs[spec.hidden]
+        if (prev is not None and isinstance(h, fx.Node) and h.op == "call_function" and h.target is operator.getitem
+                and h.args == (prev, 0) and len(h.users) == 1 and inputs.count(h) == 1):
+            session.branches[spec_id] = dataclasses.replace(spec, hidden_from_previous=True)
+            marked += 1
+        prev = node
+    return marked

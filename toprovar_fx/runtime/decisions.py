@@ -22,7 +22,14 @@ import torch
 from torch.profiler import record_function
 
 from .entropy_stats import low_entropy_ratio, per_image
-from .token_ops import frequency_indices, gather_tokens, restore_cached, restore_identity
+from .token_ops import (
+    KeptTokens,
+    frequency_indices,
+    gather_tokens,
+    restore_cached,
+    restore_identity,
+    restore_kept,
+)
 
 
 @dataclass
@@ -299,10 +306,11 @@ class Decider:
             return self._keep(spec, branch, inputs, x, tick)
 
     @staticmethod
-    def _on_kept(spec, branch, inputs, x, idx):
-        """The branch run on the kept tokens: ``x`` and the position-dependent inputs gathered."""
+    def _on_kept(spec, branch, inputs, x, idx, hidden: torch.Tensor | None = None):
+        """The branch run on the kept tokens: ``x`` (unless ``hidden`` gives its kept tokens) and
+        the position-dependent inputs gathered."""
         gathered = list(inputs)
-        gathered[spec.hidden] = gather_tokens(x, idx, 1)
+        gathered[spec.hidden] = gather_tokens(x, idx, 1) if hidden is None else hidden
         for i, dim in spec.positional:
             gathered[i] = gather_tokens(inputs[i], idx, dim)
         for i in spec.token_sizes:
@@ -316,6 +324,9 @@ class Decider:
         action = run.plan.actions[run.step]
         run.step += 1
         x = inputs[spec.hidden]
+        handed = isinstance(x, KeptTokens)
+        if handed and action != "prune_tokens":  # not handed on to such a branch; kept for safety
+            x, handed = restore_kept(x.base, run.idx, x.kept), False
         if action == "skip":
             run.entropies.append(())
             return (x, *[inputs[i] for i in spec.escape_skip])
@@ -331,8 +342,16 @@ class Decider:
                 idx = frequency_indices(x, plan.k)
                 if run.first_idx is None:
                     run.first_idx = idx
-            outs = self._on_kept(spec, branch, inputs, x, idx)
-            if plan.cached_hw is None:
+            # identity restore with one kept set per block: the kept tokens go on to the next
+            # pruned branch and are written back once, after the last (``_hands_on``)
+            hand_on = plan.cached_hw is None and not plan.select_in_graph and self._hands_on(run)
+            base = x.base if handed else x
+            kept = x.kept if handed else gather_tokens(x, idx, 1)
+            outs = self._on_kept(spec, branch, inputs, base, idx, hidden=kept)
+            if handed or hand_on:
+                kept = kept + outs[0]  # what restore_identity adds at the kept positions
+                x_new = KeptTokens(base, kept) if hand_on else restore_kept(base, idx, kept)
+            elif plan.cached_hw is None:
                 x_new = restore_identity(x, idx, outs[0])
             else:
                 cached = run.cached[run.pruned]
@@ -341,6 +360,15 @@ class Decider:
                                        self.policy.restore.interpolation)
         run.entropies.append(tuple(outs[1 + spec.n_escapes:]))
         return (x_new, *outs[1:1 + spec.n_escapes])
+
+    @staticmethod
+    def _hands_on(run) -> bool:
+        """Whether the planned branch just started hands its kept tokens to the next one: that one
+        prunes too (same kept set: one selection per block) and takes this one's ``x_new`` as its
+        hidden input with no other use of it (``BranchSpec.hidden_from_previous``)."""
+        nxt = run.step
+        return (nxt < len(run.plan.actions) and run.plan.actions[nxt] == "prune_tokens"
+                and nxt < len(run.specs) and run.specs[nxt].hidden_from_previous)
 
     def _prune_unchecked(self, spec, branch, inputs, x, tick, idx):
         outs = self._on_kept(spec, branch, inputs, x, idx)

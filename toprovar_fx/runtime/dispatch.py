@@ -36,6 +36,10 @@ class BranchSpec:
     site_ids: tuple[int, ...]  # attention sites inside, their entropies follow the escapes
     linear_flops_per_token: float
     attention_pair_flops: float
+    # its hidden input is the ``x_new`` of the dispatch call just before it in the same graph, and
+    # nothing else uses that ``x_new``: a planned block may hand its kept tokens on instead of
+    # scattering them and gathering them again (``Decider._run_planned``)
+    hidden_from_previous: bool = False
 
 
 def dispatch_branch(session_id: int, spec_id: int, branch: torch.nn.Module, *inputs: torch.Tensor) -> tuple[Any, ...]:

@@ -1,6 +1,9 @@
-"""Token gather and restore used by the dispatcher (one gather per input, one scatter out)."""
+"""Token gather and restore used by the dispatcher (one gather per input, one scatter out), and
+the kept tokens a planned block hands from one pruned branch to the next (one write-back per block)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,23 @@ def frequency_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 def restore_identity(x: torch.Tensor, idx: torch.Tensor, delta_kept: torch.Tensor) -> torch.Tensor:
     """Pruned tokens pass unchanged: ``x`` with ``delta_kept`` added at the kept positions."""
     return x.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), delta_kept)
+
+
+@dataclass(frozen=True, slots=True)
+class KeptTokens:
+    """The hidden state of a planned block between two pruned branches with the same kept set:
+    ``base`` where nothing ran yet, ``kept`` the kept tokens ``[rows, k, C]`` with every branch so
+    far added. Saves a scatter (and its copy of ``base``) and a gather per hand-on. Not a tuple, so
+    that no code taking it for the outputs of a call would unpack it."""
+
+    base: torch.Tensor
+    kept: torch.Tensor
+
+
+def restore_kept(base: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``base`` with rows ``kept`` written at the kept positions: the chain of ``restore_identity``
+    calls it replaces gives the same values (each adds a branch output at the same positions)."""
+    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), kept)
 
 
 def restore_cached(x: torch.Tensor, idx: torch.Tensor, delta_kept: torch.Tensor, cached: torch.Tensor,
