@@ -324,9 +324,7 @@ class Decider:
         action = run.plan.actions[run.step]
         run.step += 1
         x = inputs[spec.hidden]
-        handed = isinstance(x, KeptTokens)
-        if handed and action != "prune_tokens":  # not handed on to such a branch; kept for safety
-            x, handed = restore_kept(x.base, run.idx, x.kept), False
+        handed = isinstance(x, KeptTokens)  # only ever handed to a pruned branch (``_hands_on``)
         if action == "skip":
             run.entropies.append(())
             return (x, *[inputs[i] for i in spec.escape_skip])
