@@ -438,8 +438,9 @@ class VariantRun:
     graph_calls_timed: list[tuple[int, int]] = field(default_factory=list)
     busy_graphs: dict[str, int] = field(default_factory=dict)  # graphs that ran without replay, session totals
     peak_bytes_b1: int | None = None
-    # what the caching allocator holds for the variant after its warm-up (CUDA-graph pools
-    # included, which the allocated peak does not count once their intermediates are freed)
+    # what the caching allocator still holds for the variant after its warm-up and an
+    # ``empty_cache`` (CUDA-graph pools included, whose freed intermediates the allocated peak
+    # does not count; the allocator's cache of free blocks excluded)
     reserved_bytes_b1: int | None = None
     image: torch.Tensor | None = None  # the last warm-up generation's images (CPU, fp32)
     logits: list[torch.Tensor] = field(default_factory=list)  # per scale, one extra generation after warm-up
@@ -690,6 +691,7 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
             run.kv_bytes_b1 = g.kv_bytes
             if b.cuda:
                 run.peak_bytes_b1 = _own_peak(b, before)
+                torch.cuda.empty_cache()  # what stays reserved: persistent tensors and CUDA-graph pools
                 run.reserved_bytes_b1 = torch.cuda.memory_reserved() - before_reserved + b.base_bytes
             out = g.output[0] if isinstance(g.output, (tuple, list)) else g.output
             run.image = out.detach().float().cpu() if isinstance(out, torch.Tensor) else None
