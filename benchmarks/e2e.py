@@ -646,7 +646,7 @@ def compile_phase(b: Bench) -> None:
                      f"{b.budget.left() - reserve:.0f} s left after reserving the measurements)")
             continue
         if b.cuda:
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # free memory as it is; and cached blocks of earlier variants would back this one's
             short = memory_shortfall([r.peak_bytes_b1 - b.base_bytes for r in b.runs if r.peak_bytes_b1 is not None],
                                      torch.cuda.mem_get_info()[0])
             if short is not None:
@@ -673,8 +673,8 @@ def _own_peak(b: Bench, before: int) -> int:
 
 
 def compile_and_warm(b: Bench, run: VariantRun) -> None:
-    if b.cuda:
-        torch.cuda.empty_cache()  # cached blocks of earlier variants would back this one's
+    """Precondition on CUDA: the allocator's cache was just emptied (``compile_phase``), so the
+    reserved memory measured from here is this variant's."""
     before = torch.cuda.memory_allocated() if b.cuda else 0
     before_reserved = torch.cuda.memory_reserved() if b.cuda else 0
     run.fn = run.variant.build(b.model)

@@ -452,9 +452,6 @@ class CudaGraphCache:
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
         lent = frozenset(homes) | in_place
-        self.private += bool(in_place)
-        if in_place:
-            self._account_private(own_pool)
         for i in borrowed:
             # Held here it would count as an outside reference to the lender's output; if the
             # captured function itself kept the alias (a stand-in API replaying in Python does),
@@ -466,7 +463,9 @@ class CudaGraphCache:
             owner.expect_held(position, 1 - (with_alias - _use_count(args[i])))  # 1: the alias lives on
         captured = _Captured(graph, inputs, buffers, outputs, lent, borrowed)
         if in_place:
+            self.private += 1
             captured.own_pool_bytes = own_pool
+            self._account_private(own_pool)
         for i in lent:
             o = outputs[i] if isinstance(outputs, (tuple, list)) else outputs
             self.pool.lent[o.data_ptr()] = (self.pool.layout(o), captured, i)
@@ -505,7 +504,7 @@ class CudaGraphCache:
             taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
             in_place = frozenset(i for i in lendable if flat[i].storage_offset() == 0
                                  and flat[i].untyped_storage().data_ptr() not in taken
-                                 and torch.empty_like(flat[i]).stride() == flat[i].stride())
+                                 and torch.empty_like(flat[i], device="meta").stride() == flat[i].stride())
         return {i: torch.empty_like(flat[i]) for i in lendable - in_place}, in_place
 
     def _account_private(self, nbytes: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Any
 
 import torch.fx as fx
 
@@ -105,7 +106,7 @@ def insert_branch_dispatch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                       f"{chained} taking the previous one's output alone")
 
 
-def _mark_chains(gm: fx.GraphModule, session) -> int:
+def _mark_chains(gm: fx.GraphModule, session: Any) -> int:
     """Set ``BranchSpec.hidden_from_previous`` on every dispatch call whose hidden input is the
     ``x_new`` of the dispatch call just before it, used by nothing else (not even another input
     of the same call). Then a planned block may pass that branch the kept tokens themselves

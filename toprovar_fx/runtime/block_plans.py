@@ -64,7 +64,7 @@ class PlanRun:
     """The state of one planned call while its branches run (``Decider.plan_run``)."""
 
     plan: BlockPlan
-    specs: tuple[Any, ...] = ()  # the block's routed branches, in graph order (one per action)
+    specs: tuple[Any, ...]  # the block's routed branches, in graph order (one per action)
     idx: torch.Tensor | None = None  # kept positions [rows, k]; a graph's static buffer under capture
     cached: tuple[torch.Tensor, ...] = ()  # per pruned branch, its cached-scale output (graph inputs)
     step: int = 0

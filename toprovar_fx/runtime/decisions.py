@@ -366,7 +366,7 @@ class Decider:
         hidden input with no other use of it (``BranchSpec.hidden_from_previous``)."""
         nxt = run.step
         return (nxt < len(run.plan.actions) and run.plan.actions[nxt] == "prune_tokens"
-                and nxt < len(run.specs) and run.specs[nxt].hidden_from_previous)
+                and run.specs[nxt].hidden_from_previous)
 
     def _prune_unchecked(self, spec, branch, inputs, x, tick, idx):
         outs = self._on_kept(spec, branch, inputs, x, idx)
