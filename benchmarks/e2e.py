@@ -628,6 +628,20 @@ def memory_shortfall(peaks: Sequence[int], free: int) -> str | None:
             "(--variants)")
 
 
+def batch_shortfall(peak_b1: int, batch: int, free: int, alive: int) -> str | None:
+    """Why a variant should not be called at ``batch`` images in this process: ``peak_b1`` is its
+    batch-1 peak beyond the weights and prompt, ``free`` the device's free bytes now, ``alive``
+    how many variants (with their CUDA graphs) share the process. The estimate scales the
+    batch-1 peak linearly (activations and K/V cache do; on the zoo's Infinity-2B it gave 48.7
+    GiB for eager's measured 48.0). Calling anyway runs every later variant out of memory too,
+    and a compiled variant's graphs drop to their fallbacks on the way. None: go ahead."""
+    need = peak_b1 * batch
+    if free >= need:
+        return None
+    return (f"memory: about {need / 2**30:.0f} GiB estimated ({batch} x the batch-1 peak beyond the weights), "
+            f"{free / 2**30:.0f} GiB free with {alive} variants alive")
+
+
 def compile_phase(b: Bench) -> None:
     """Build every variant; first call (= compile), warm-up calls, batch-1 memory and the report."""
     for run in b.runs:
@@ -802,6 +816,13 @@ def batch_memory_phase(b: Bench) -> None:
             continue
         separate_first = compile_s > 0 and b.budget.left() >= compile_s + 2 * gen_s
         torch.cuda.empty_cache()  # the blocks cached for the previous variant cannot back CUDA-graph pools
+        if run.peak_bytes_b1 is not None:
+            short = batch_shortfall(run.peak_bytes_b1 - b.base_bytes, batch, torch.cuda.mem_get_info()[0],
+                                    alive=sum(r.live for r in b.runs))
+            if short is not None:
+                run.b8_note = f"skipped: {short}; measure it with --variants eager,{run.key}"
+                run.skipped.append(f"memory at batch {batch}: memory")
+                continue
         before = torch.cuda.memory_allocated()
         try:
             with deadline(max(b.budget.left(), 5.0), f"{run.key} batch {batch}"):

@@ -321,3 +321,10 @@ def test_a_variant_is_skipped_when_it_would_not_fit_in_memory(e2e: ModuleType) -
     assert e2e.memory_shortfall([10 * gib, 20 * gib], 26 * gib) is None
     why = e2e.memory_shortfall([10 * gib, 20 * gib], 24 * gib)
     assert why is not None and "25.0 GiB needed" in why and "24.0 GiB free" in why and "--variants" in why
+
+
+def test_a_batch_memory_call_is_skipped_when_its_estimate_does_not_fit(e2e: ModuleType) -> None:
+    gib = 2**30
+    assert e2e.batch_shortfall(5 * gib, 8, 40 * gib, alive=2) is None
+    why = e2e.batch_shortfall(5 * gib, 8, 39 * gib, alive=7)
+    assert why is not None and "about 40 GiB estimated" in why and "39 GiB free with 7 variants" in why
