@@ -442,6 +442,10 @@ class VariantRun:
     # ``empty_cache`` (CUDA-graph pools included, whose freed intermediates the allocated peak
     # does not count; the allocator's cache of free blocks excluded)
     reserved_bytes_b1: int | None = None
+    # of those, what the variant's CUDA-graph memory pools hold (``graph_pool_bytes``); and what
+    # the --batch-mem call added to them
+    pool_bytes_b1: int | None = None
+    pool_bytes_b8: int | None = None
     image: torch.Tensor | None = None  # the last warm-up generation's images (CPU, fp32)
     logits: list[torch.Tensor] = field(default_factory=list)  # per scale, one extra generation after warm-up
     kv_bytes_b1: int | None = None
@@ -681,6 +685,25 @@ def compile_phase(b: Bench) -> None:
             b.estimates[cls] = max(b.estimates.get(cls, 0.0), 1.1 * run.first_call_ms / 1e3)
 
 
+def graph_pool_bytes() -> int | None:
+    """Bytes the caching allocator holds in memory pools other than the default one: the pools of
+    CUDA graphs (toprovar's shared and own pools, Inductor's). Their static outputs and kept
+    intermediates live there; lent outputs in homes do not. None where the allocator cannot say
+    (no CUDA, or a torch without ``memory_snapshot``)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception:  # noqa: BLE001 - a measurement, never worth failing the run for
+        return None
+    return sum(int(seg.get("total_size", 0)) for seg in segments
+               if tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0))
+
+
+def _delta(after: int | None, before: int | None) -> int | None:
+    return None if after is None or before is None else after - before
+
+
 def _own_peak(b: Bench, before: int) -> int:
     """The peak since the last reset, as if this variant were the only one in the process."""
     return torch.cuda.max_memory_allocated() - before + b.base_bytes
@@ -691,6 +714,7 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
     reserved memory measured from here is this variant's."""
     before = torch.cuda.memory_allocated() if b.cuda else 0
     before_reserved = torch.cuda.memory_reserved() if b.cuda else 0
+    pools_before = graph_pool_bytes() if b.cuda else None
     run.fn = run.variant.build(b.model)
     first = b.gen(run)
     run.first_call_ms = first.wall_ms
@@ -707,6 +731,7 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
                 run.peak_bytes_b1 = _own_peak(b, before)
                 torch.cuda.empty_cache()  # what stays reserved: persistent tensors and CUDA-graph pools
                 run.reserved_bytes_b1 = torch.cuda.memory_reserved() - before_reserved + b.base_bytes
+                run.pool_bytes_b1 = _delta(graph_pool_bytes(), pools_before)
             out = g.output[0] if isinstance(g.output, (tuple, list)) else g.output
             run.image = out.detach().float().cpu() if isinstance(out, torch.Tensor) else None
         if g.segments_ms is None:
@@ -824,6 +849,7 @@ def batch_memory_phase(b: Bench) -> None:
                 run.skipped.append(f"memory at batch {batch}: memory")
                 continue
         before = torch.cuda.memory_allocated()
+        pools_before = graph_pool_bytes()
         try:
             with deadline(max(b.budget.left(), 5.0), f"{run.key} batch {batch}"):
                 if separate_first:
@@ -835,6 +861,7 @@ def batch_memory_phase(b: Bench) -> None:
             continue
         run.peak_bytes_b8 = _own_peak(b, before)
         run.kv_bytes_b8 = g.kv_bytes
+        run.pool_bytes_b8 = _delta(graph_pool_bytes(), pools_before)
         if compile_s > 0 and not separate_first:
             run.b8_note = "measured on the call that compiled for this batch"
 
@@ -1277,11 +1304,12 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
         rows.append([r.key, _f(x["flop_ratio"], ".3f"), _f(x["vs_eager"], ".2f", "x"), _f(x["flop_bound"], ".2f", "x"),
                      _f(x["last2_measured"], ".2f", "x"), _f(x["last2_flop_bound"], ".2f", "x"),
                      _f(x["last2_fraction"] and 100 * x["last2_fraction"], ".0f", "%"),
-                     _gib(r.peak_bytes_b1), _gib(r.reserved_bytes_b1), _mib(r.kv_bytes_b1), _gib(r.peak_bytes_b8), _mib(r.kv_bytes_b8),
-                     r.b8_note or ""])
+                     _gib(r.peak_bytes_b1), _gib(r.reserved_bytes_b1), _gib(r.pool_bytes_b1), _mib(r.kv_bytes_b1),
+                     _gib(r.peak_bytes_b8), _gib(r.pool_bytes_b8), _mib(r.kv_bytes_b8), r.b8_note or ""])
     lines += _table(["variant", "FLOP ratio", "measured vs eager", "FLOP-bound", f"last 2 measured (vs {a['best_dense_last2'] or '-'})",
-                     "last 2 FLOP-bound", "measured/bound", "peak GiB B=1", "reserved GiB B=1", "K/V MiB B=1", f"peak GiB B={bm}",
-                     f"K/V MiB B={bm}", f"B={bm} note"], rows)
+                     "last 2 FLOP-bound", "measured/bound", "peak GiB B=1", "reserved GiB B=1", "graph pools GiB B=1",
+                     "K/V MiB B=1", f"peak GiB B={bm}", f"graph pools added GiB B={bm}", f"K/V MiB B={bm}",
+                     f"B={bm} note"], rows)
 
     def scale_table(title: str, field_: str, spec: str, keys: list[str]) -> list[str]:
         if not keys:

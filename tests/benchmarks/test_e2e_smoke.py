@@ -328,3 +328,13 @@ def test_a_batch_memory_call_is_skipped_when_its_estimate_does_not_fit(e2e: Modu
     assert e2e.batch_shortfall(5 * gib, 8, 40 * gib, alive=2) is None
     why = e2e.batch_shortfall(5 * gib, 8, 39 * gib, alive=7)
     assert why is not None and "about 40 GiB estimated" in why and "39 GiB free with 7 variants" in why
+
+
+def test_graph_pool_bytes_counts_segments_outside_the_default_pool(e2e: ModuleType, monkeypatch) -> None:
+    segments = [{"total_size": 10, "segment_pool_id": (0, 0)}, {"total_size": 7, "segment_pool_id": (1, 3)},
+                {"total_size": 5, "segment_pool_id": (0, 2)}]
+    monkeypatch.setattr(e2e.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(e2e.torch.cuda, "memory_snapshot", lambda: segments)
+    assert e2e.graph_pool_bytes() == 12
+    monkeypatch.setattr(e2e.torch.cuda, "memory_snapshot", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA")))
+    assert e2e.graph_pool_bytes() is None
