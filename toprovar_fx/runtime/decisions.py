@@ -306,11 +306,11 @@ class Decider:
             return self._keep(spec, branch, inputs, x, tick)
 
     @staticmethod
-    def _on_kept(spec, branch, inputs, x, idx, hidden: torch.Tensor | None = None):
-        """The branch run on the kept tokens: ``x`` (unless ``hidden`` gives its kept tokens) and
-        the position-dependent inputs gathered."""
+    def _on_kept(spec, branch, inputs, kept: torch.Tensor, idx):
+        """The branch run on the kept tokens: ``kept`` is its hidden input's (``[rows, k, C]``);
+        the position-dependent inputs are gathered here."""
         gathered = list(inputs)
-        gathered[spec.hidden] = gather_tokens(x, idx, 1) if hidden is None else hidden
+        gathered[spec.hidden] = kept
         for i, dim in spec.positional:
             gathered[i] = gather_tokens(inputs[i], idx, dim)
         for i in spec.token_sizes:
@@ -345,7 +345,7 @@ class Decider:
             hand_on = plan.cached_hw is None and not plan.select_in_graph and self._hands_on(run)
             base = x.base if handed else x
             kept = x.kept if handed else gather_tokens(x, idx, 1)
-            outs = self._on_kept(spec, branch, inputs, base, idx, hidden=kept)
+            outs = self._on_kept(spec, branch, inputs, kept, idx)
             if handed or hand_on:
                 kept = kept + outs[0]  # what restore_identity adds at the kept positions
                 x_new = KeptTokens(base, kept) if hand_on else restore_kept(base, idx, kept)
@@ -369,7 +369,7 @@ class Decider:
                 and run.specs[nxt].hidden_from_previous)
 
     def _prune_unchecked(self, spec, branch, inputs, x, tick, idx):
-        outs = self._on_kept(spec, branch, inputs, x, idx)
+        outs = self._on_kept(spec, branch, inputs, gather_tokens(x, idx, 1), idx)
         self._record(spec, outs, tick, full=False)
         self._account(spec, tick, "prune_tokens", int(idx.shape[1]))
         # kept positions for pictures (`toprovar inspect`): the device tensor, no host sync; the
