@@ -909,6 +909,8 @@ def _self_times(ops: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 # kernel classes, in the order ``kernel_class`` tries them (and the markdown shows them)
 KERNEL_CLASSES = ("attention", "gather/scatter", "copy", "gemm", "triton fused", "other")
+# the classes a dense compiled model barely launches at the last two scales: what pruning adds
+ADDED_CLASSES = ("gather/scatter", "copy", "other")
 _CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("fae_", "sdpa", "flash", "fmha", "attention")),
     ("gather/scatter", ("scatter_gather", "index_select", "indexSelect", "index_put", "index_elementwise_kernel",
@@ -974,6 +976,9 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     class_us = [dict.fromkeys(KERNEL_CLASSES, 0.0) for _ in range(num_scales + 1)]
     class_calls = [dict.fromkeys(KERNEL_CLASSES, 0) for _ in range(num_scales + 1)]
+    # kernels pruning adds at the last two scales, by name: what the "other" count is made of
+    added_last2: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    last2 = range(num_scales - 2, num_scales) if per_scale else range(0)
     for k in kernels:
         launched = launches_at.get((k.get("args") or {}).get("correlation"))
         if launched is None and not g0 <= k["ts"] <= g1:
@@ -984,6 +989,9 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
         cls = kernel_class(str(k.get("name", "")))
         class_us[seg][cls] += k.get("dur", 0)
         class_calls[seg][cls] += 1
+        if seg in last2 and cls in ADDED_CLASSES:
+            added_last2[f"{cls}: {k['name']}"][0] += k.get("dur", 0)
+            added_last2[f"{cls}: {k['name']}"][1] += 1
         all_busy.append(span)
         per_kernel[k["name"]][0] += k.get("dur", 0)
         per_kernel[k["name"]][1] += 1
@@ -994,8 +1002,8 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
             ranges[e["name"]][0] += e.get("dur", 0) / 1e3
             ranges[e["name"]][1] += 1
 
-    def top(table: dict[str, list[float]]) -> list[dict[str, Any]]:
-        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:TOP_N]
+    def top(table: dict[str, list[float]], n: int = TOP_N) -> list[dict[str, Any]]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
         return [{"name": n, "ms": v[0] / 1e3, "calls": int(v[1])} for n, v in rows]
 
     return {
@@ -1008,6 +1016,7 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
         "launches_total": sum(launches) if gpu else None,
         "busy_ms_total": _union_ms(all_busy) if gpu else None,
         "top_kernels": top(per_kernel),
+        "last_two_added": top(added_last2, 2 * TOP_N) if per_scale and gpu else None,
         "top_host_ops": top(host),
         "toprovar_ranges": {n: {"ms": v[0], "count": int(v[1])} for n, v in sorted(ranges.items())},
     }
@@ -1338,6 +1347,13 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
                                f"once for {rows_lo} to {rows_hi} token rows (batch 1, CFG): memory- and "
                                "kernel-count-bound, not FLOP-bound.")
     lines += class_section("The last two scales", shown, range(max(k - 2, 0), k))
+    added = [(r.key, (r.profile or {}).get("last_two_added")) for r in shown]
+    added = [(key, rows) for key, rows in added if rows]
+    if added:
+        lines += [f"Largest {'/'.join(ADDED_CLASSES)} kernels of the last two scales, by name (ms, count); "
+                  "a dense compiled model launches few of these:", ""]
+        lines += [f"* **{key}**: " + ", ".join(f"`{x['name'][:90]}` {x['ms']:.2f} ms x{x['calls']}" for x in rows)
+                  for key, rows in added] + [""]
     lines += scale_table("Per-scale executed / dense FLOPs (toprovar report)", "flop_ratio", ".3f",
                          have("flop_ratio"))
     lines += ["### Host time in `toprovar.*` profiler ranges (profiled generation)", ""]

@@ -249,8 +249,13 @@ def test_summarize_trace_kernel_classes(e2e: ModuleType) -> None:
     ]
     # the class sums count the overlap twice, the busy time once
     assert s["busy_ms"][1] == pytest.approx(28.0) and sum(s["class_ms"][1].values()) == pytest.approx(33.0)
+    # by name, the index/copy/other kernels of the last two scales (here scales 1-2), not the decode's
+    assert s["last_two_added"] == [
+        {"name": "gather/scatter: void at::native::_scatter_gather_elementwise_kernel<128, 8>", "ms": pytest.approx(6.0),
+         "calls": 1},
+        {"name": "copy: Memcpy DtoD", "ms": pytest.approx(4.0), "calls": 1}]
     cpu = e2e.summarize_trace(_class_trace(e2e), 2, gpu=False)
-    assert cpu["class_ms"] is None and cpu["class_calls"] is None
+    assert cpu["class_ms"] is None and cpu["class_calls"] is None and cpu["last_two_added"] is None
     assert e2e.summarize_trace(_class_trace(e2e), 3, gpu=True)["class_ms"] is None  # no per-scale split
 
 
