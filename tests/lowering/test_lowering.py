@@ -530,6 +530,46 @@ def test_cuda_graph_cache_falls_back_when_capture_fails(caplog):
     assert sum("cannot be captured" in r.message for r in caplog.records) == 1
 
 
+class _WorkspaceAPI(_FakeGraphAPI):
+    """A stand-in API with a BLAS workspace cache: ``events`` logs syncs, clears and captures,
+    and each capture notes whether it found the cache empty (so it allocated in its own pool)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__(fail=fail)
+        self.events: list[str] = []
+        self.workspace: object | None = object()  # cached by an earlier GEMM, in the default pool
+
+    def synchronize(self) -> None:
+        self.events.append("sync")
+
+    def clear_blas_workspaces(self) -> None:
+        self.events.append("clear")
+        self.workspace = None
+
+    @contextlib.contextmanager
+    def graph(self, g, pool=None):
+        self.events.append("capture:fresh" if self.workspace is None else "capture:cached")
+        self.workspace = ("in pool", pool)  # the capture's GEMM allocates, here inside the pool
+        with super().graph(g, pool=pool):
+            yield
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_capture_allocates_its_blas_workspace_in_its_own_pool(fail):
+    """Inductor's CUDA-graph trees (and, in torch 2.11, destroying any graph) drop cuBLAS's cached
+    workspaces; a captured GEMM whose workspace came from the default pool would then write into
+    memory handed to others. Each capture starts from an empty cache (after the queued work) and
+    leaves it empty, also when it fails."""
+    api = _WorkspaceAPI(fail=fail)
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu")
+    x, w = torch.randn(2, 4), torch.randn(4, 3)
+    torch.testing.assert_close(cache(x, w, 0)[0], x @ w)
+    torch.testing.assert_close(cache(x, w, 1)[0], x @ w + 1)  # another graph (fail: captures are off by now)
+    per_capture = ["sync", "clear", "capture:fresh", "clear"]
+    assert api.events == per_capture * (1 if fail else 2)
+    assert api.workspace is None
+
+
 def _skip_after_d(name: str) -> dict:
     """``name``'s policy as a scale stage: D fixed at min_start_scale, every later scale skipped."""
     from toprovar_fx.policies import load_policy

@@ -23,10 +23,11 @@ key, so a reallocated parameter gets a new graph, never stale memory).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +98,41 @@ class StaticInput:
         else:
             self._source, self._version = weakref.ref(src), src._version
         return True
+
+
+def _blas_workspace_clearer(api: Any) -> Callable[[], None] | None:
+    """The function that drops the BLAS library's cached workspaces, or None where there is none."""
+    if api is torch.cuda:
+        return getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    return getattr(api, "clear_blas_workspaces", None)  # a stand-in API
+
+
+@contextlib.contextmanager
+def _own_blas_workspace(api: Any) -> Iterator[None]:
+    """Capture with a cuBLAS workspace allocated inside the graph's own memory pool.
+
+    Why: cuBLAS keeps one cached workspace per (handle, stream), and a captured GEMM embeds its
+    address. Others drop that cache: Inductor's CUDA-graph trees clear every workspace around each
+    recording, and in torch 2.11 destroying any CUDA graph clears the workspaces of its capture
+    stream (pytorch/pytorch#193402). A workspace that came from the default pool then goes back
+    to general use while our graphs still write into it. On the H200 (torch 2.11) our first
+    replay after a ``mode="reduce-overhead"`` compile in the same process segfaulted. Clearing the
+    cache before the capture makes the capture allocate a fresh workspace in the graph's pool,
+    and clearing it after (as the trees do) leaves that block to the pool alone: dropped by
+    anyone later, it returns to our pool, which no allocation outside our captures reaches.
+    """
+    clear = _blas_workspace_clearer(api)
+    if clear is None:
+        yield
+        return
+    sync = getattr(api, "synchronize", None)
+    if sync is not None:
+        sync()  # a workspace still in use by queued kernels (the warm-up's) is not handed back early
+    clear()
+    try:
+        yield
+    finally:
+        clear()
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -425,7 +461,7 @@ class CudaGraphCache:
             graph = api.CUDAGraph()
             reserved = getattr(api, "memory_reserved", None) if in_place else None
             before = reserved() if reserved is not None else 0
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, _own_blas_workspace(api):
                 warnings.simplefilter("always")
                 with api.graph(graph, pool=pool):
                     outputs = fn(*inputs)
