@@ -537,7 +537,8 @@ class _WorkspaceAPI(_FakeGraphAPI):
     def __init__(self, fail: bool = False) -> None:
         super().__init__(fail=fail)
         self.events: list[str] = []
-        self.workspace: object | None = object()  # cached by an earlier GEMM, in the default pool
+        self.workspace: object | None = ("default pool",)  # cached by an earlier GEMM
+        self.used: list = []  # per capture, the workspace its GEMMs embed
 
     def synchronize(self) -> None:
         self.events.append("sync")
@@ -549,7 +550,9 @@ class _WorkspaceAPI(_FakeGraphAPI):
     @contextlib.contextmanager
     def graph(self, g, pool=None):
         self.events.append("capture:fresh" if self.workspace is None else "capture:cached")
-        self.workspace = ("in pool", pool)  # the capture's GEMM allocates, here inside the pool
+        if self.workspace is None:  # the capture's first GEMM allocates it, inside the capture's pool
+            self.workspace = ("in pool", pool if pool is not None else ("own", id(g)))
+        self.used.append(self.workspace)
         with super().graph(g, pool=pool):
             yield
 
@@ -565,9 +568,37 @@ def test_capture_allocates_its_blas_workspace_in_its_own_pool(fail):
     x, w = torch.randn(2, 4), torch.randn(4, 3)
     torch.testing.assert_close(cache(x, w, 0)[0], x @ w)
     torch.testing.assert_close(cache(x, w, 1)[0], x @ w + 1)  # another graph (fail: captures are off by now)
-    per_capture = ["sync", "clear", "capture:fresh", "clear"]
+    per_capture = ["sync", "clear", "capture:fresh", "clear"]  # no shared pool: each graph its own
     assert api.events == per_capture * (1 if fail else 2)
-    assert api.workspace is None
+    assert api.workspace is None and all(w[1][0] == "own" for w in api.used)
+
+
+def test_graphs_lending_in_place_embed_the_shared_pools_workspace(monkeypatch):
+    """With a shared pool, every graph's GEMMs use a workspace allocated in that pool: the shared
+    graphs' own capture allocates it; a graph lending in place from a pool of its own gets it from
+    a primer captured into the shared pool just before (one workspace, not one per own pool).
+    The primer graph is kept (it keeps the pool alive) until lending restarts the pool."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    monkeypatch.setattr(cuda_graphs, "PRIVATE_LEND_MIN_BYTES", 64)
+    api = _WorkspaceAPI()
+    pool = SharedPool(lending=True)
+    big = CudaGraphCache(_replayable(lambda x, w: (x @ w,)), static=[False, True], max_bytes=1 << 20, api=api,
+                         device_type="cpu", pool=pool, lend=True, own_outputs=1)
+    small = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool)
+    x, w = torch.randn(4, 4), torch.randn(4, 3)
+    torch.testing.assert_close(small(x, w, 0)[0], x @ w)
+    (h,) = big(x, torch.randn(4, 4))
+    del h
+    shared = pool.get(api)
+    assert big.private == 1 and api.pools == [shared, shared, None]  # small, primer, big (own pool)
+    assert api.events == ["sync", "clear", "capture:fresh",  # small: allocates it in the shared pool
+                          "sync", "clear", "capture:fresh", "capture:cached"]  # primer, then big uses it
+    assert api.used == [("in pool", shared)] * 3 and pool.primer is not None
+    pool.lending = False
+    pool.start_lending()
+    assert pool.primer is None
 
 
 def _skip_after_d(name: str) -> dict:

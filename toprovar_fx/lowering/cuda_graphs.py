@@ -108,18 +108,28 @@ def _blas_workspace_clearer(api: Any) -> Callable[[], None] | None:
 
 
 @contextlib.contextmanager
-def _own_blas_workspace(api: Any) -> Iterator[None]:
-    """Capture with a cuBLAS workspace allocated inside the graph's own memory pool.
+def _blas_workspace(api: Any, shared: SharedPool | None, private: bool, device: torch.device) -> Iterator[None]:
+    """Capture with a cuBLAS workspace that lives in a pool our graphs keep alive.
 
-    Why: cuBLAS keeps one cached workspace per (handle, stream), and a captured GEMM embeds its
+    Why: cuBLAS caches one workspace per (handle, stream), and a captured GEMM embeds its
     address. Others drop that cache: Inductor's CUDA-graph trees clear every workspace around each
     recording, and in torch 2.11 destroying any CUDA graph clears the workspaces of its capture
-    stream (pytorch/pytorch#193402). A workspace that came from the default pool then goes back
-    to general use while our graphs still write into it. On the H200 (torch 2.11) our first
-    replay after a ``mode="reduce-overhead"`` compile in the same process segfaulted. Clearing the
-    cache before the capture makes the capture allocate a fresh workspace in the graph's pool,
-    and clearing it after (as the trees do) leaves that block to the pool alone: dropped by
-    anyone later, it returns to our pool, which no allocation outside our captures reaches.
+    stream (pytorch/pytorch#193402). A workspace from the default pool then goes back to general
+    use (or to the driver) while our graphs still write into it: on the H200 (torch 2.11) our first
+    replay after a ``mode="reduce-overhead"`` compile in the same process segfaulted.
+
+    So the cache is cleared before a capture, and the capture's first GEMM allocates the workspace
+    inside a pool of ours. Dropped by anyone later, it returns to that pool, which no allocation
+    outside our captures reaches and which lives as long as a graph captured into it:
+    * graphs of the session's shared pool allocate it there (and leave it cached, so a later
+      private capture would find it);
+    * a graph lending in place from a pool of its own (``private``) takes it from the shared pool
+      too: ``SharedPool.prime_blas_workspace`` allocates it there first. Allocated in each own pool
+      it cost one workspace per such graph (+5.7 GiB of pools on Infinity-2B at batch 1, H200);
+    * without a shared pool (option ``cuda_graph_pool: private``) each graph allocates its own
+      and the cache is cleared again after the capture, leaving the block to that graph's pool.
+    Sharing one workspace is safe for the same reason sharing intermediates is (``SharedPool``):
+    replays are sequential on one stream, and a GEMM's workspace holds nothing between kernels.
     """
     clear = _blas_workspace_clearer(api)
     if clear is None:
@@ -127,12 +137,19 @@ def _own_blas_workspace(api: Any) -> Iterator[None]:
         return
     sync = getattr(api, "synchronize", None)
     if sync is not None:
-        sync()  # a workspace still in use by queued kernels (the warm-up's) is not handed back early
-    clear()
-    try:
-        yield
-    finally:
+        sync()  # a workspace still used by queued kernels (the warm-up's) is not handed back early
+    if shared is None:
         clear()
+        try:
+            yield
+        finally:
+            clear()
+        return
+    if private:
+        shared.prime_blas_workspace(api, clear, device)
+    else:
+        clear()
+    yield
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -273,6 +290,7 @@ class SharedPool:
         # device at the first such capture, ``private_room``), and what they reserved so far
         self.private_budget = private_budget
         self.private_bytes = 0
+        self.primer: Any = None  # the graph that allocated the cached cuBLAS workspace in this pool
 
     def private_room(self, api: Any) -> bool:
         """Whether one more graph may lend in place from a pool of its own (``CudaGraphCache._homes``).
@@ -292,6 +310,21 @@ class SharedPool:
             self.private_budget = -1 if total is None else total // 16
         return self.private_budget < 0 or self.private_bytes < self.private_budget
 
+    def prime_blas_workspace(self, api: Any, clear: Callable[[], None], device: torch.device) -> None:
+        """Make cuBLAS's cached workspace for the capture stream a block of this pool (see
+        ``_blas_workspace``): clear the cache and capture two tiny GEMMs (the cuBLAS and the
+        cuBLASLt path) into the pool. The graph is kept: it keeps the pool, and so the block,
+        alive while graphs captured afterwards embed its address."""
+        self.primer = None  # its destruction may clear the cache (torch 2.11): before, not after, ours
+        clear()
+        a = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+        bias = torch.zeros(16, device=device, dtype=torch.bfloat16)
+        graph = api.CUDAGraph()
+        with api.graph(graph, pool=self.get(api)):
+            torch.addmm(bias, a, a)
+            torch.mm(a, a)
+        self.primer = graph
+
     def start_lending(self) -> int:
         """From now on captures lend outputs; graphs captured before are dropped so that they are
         captured again, lending. Call between generations (no output of ours in flight that a
@@ -304,6 +337,7 @@ class SharedPool:
         # allocator marks the pool freeable and a capture into it fails an internal assert
         # ("use_count > 0", seen on the H200 with torch 2.11); the old pool is freed with its graphs.
         self.handle = None
+        self.primer = None
         dropped = 0
         for cache in list(self.caches):
             dropped += sum(entry is not None for entry in cache.graphs.values())
@@ -460,12 +494,13 @@ class CudaGraphCache:
                 fn = record(fn)
             graph = api.CUDAGraph()
             reserved = getattr(api, "memory_reserved", None) if in_place else None
-            before = reserved() if reserved is not None else 0
-            with warnings.catch_warnings(record=True) as caught, _own_blas_workspace(api):
+            device = next((a.device for a in inputs if isinstance(a, torch.Tensor)), torch.device(self.device_type))
+            with _blas_workspace(api, self.pool, in_place, device), warnings.catch_warnings(record=True) as caught:
+                before = reserved() if reserved is not None else 0
                 warnings.simplefilter("always")
                 with api.graph(graph, pool=pool):
                     outputs = fn(*inputs)
-            own_pool = reserved() - before if reserved is not None else 0
+                own_pool = reserved() - before if reserved is not None else 0
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self.disabled = f"{type(err).__name__}: {err}"
             log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
