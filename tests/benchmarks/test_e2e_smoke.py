@@ -8,7 +8,7 @@ GPU-only parts of the trace summary (launches, kernel busy time) are checked on 
 from __future__ import annotations
 
 import json
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -343,3 +343,21 @@ def test_graph_pool_bytes_counts_segments_outside_the_default_pool(e2e: ModuleTy
     assert e2e.graph_pool_bytes() == 12
     monkeypatch.setattr(e2e.torch.cuda, "memory_snapshot", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA")))
     assert e2e.graph_pool_bytes() is None
+
+
+def test_launch_targets_compare_pruned_scales_with_each_dense_variant(e2e: ModuleType) -> None:
+    """A pruned scale launching more than a dense variant misses that variant's target, named with
+    the scale and counts; dense variants with CUDA graphs (observe, cudagraphs) are references
+    only when measured."""
+    runs = [e2e.VariantRun(v) for v in e2e.model_variants("infinity-2b") if v.key == "toprovar"]
+    runs[0].profile = {"launches": [35, 84, 26]}
+    runs[0].report = {"scales": [{"index": 0, "flops_executed": 1.0, "flops_dense": 1.0},
+                                 {"index": 1, "flops_executed": 0.4, "flops_dense": 1.0}]}
+    per_scale = [{"launches": {"inductor": 789, "eager": 1899, "cudagraphs": 36, "toprovar": 35}},
+                 {"launches": {"inductor": 864, "eager": 1959, "cudagraphs": 63, "toprovar": 84}}]
+    b = SimpleNamespace(runs=runs)
+    ok = e2e.launch_target(b, per_scale, "inductor")
+    assert ok["status"] == "met" and ok["value"] == "1/1 pruned scales ok"
+    strict = e2e.launch_target(b, per_scale, "cudagraphs")
+    assert strict["status"] == "missed by 1 scale(s)" and "toprovar@2: 84 > 63" in strict["value"]
+    assert e2e.launch_target(b, per_scale, "observe")["status"].startswith("n/a")
