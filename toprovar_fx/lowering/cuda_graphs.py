@@ -108,7 +108,7 @@ def _blas_workspace_clearer(api: Any) -> Callable[[], None] | None:
 
 
 @contextlib.contextmanager
-def _blas_workspace(api: Any, shared: SharedPool | None, private: bool, device: torch.device) -> Iterator[None]:
+def _blas_workspace(api: Any, shared: SharedPool | None, private: bool, like: torch.Tensor) -> Iterator[None]:
     """Capture with a cuBLAS workspace that lives in a pool our graphs keep alive.
 
     Why: cuBLAS caches one workspace per (handle, stream), and a captured GEMM embeds its
@@ -146,7 +146,7 @@ def _blas_workspace(api: Any, shared: SharedPool | None, private: bool, device: 
             clear()
         return
     if private:
-        shared.prime_blas_workspace(api, clear, device)
+        shared.prime_blas_workspace(api, clear, like)
     else:
         clear()
     yield
@@ -310,15 +310,16 @@ class SharedPool:
             self.private_budget = -1 if total is None else total // 16
         return self.private_budget < 0 or self.private_bytes < self.private_budget
 
-    def prime_blas_workspace(self, api: Any, clear: Callable[[], None], device: torch.device) -> None:
+    def prime_blas_workspace(self, api: Any, clear: Callable[[], None], like: torch.Tensor) -> None:
         """Make cuBLAS's cached workspace for the capture stream a block of this pool (see
         ``_blas_workspace``): clear the cache and capture two tiny GEMMs (the cuBLAS and the
-        cuBLASLt path) into the pool. The graph is kept: it keeps the pool, and so the block,
+        cuBLASLt path) into the pool, on ``like``'s device and in its dtype (one the model's GEMMs
+        run in, so the GPU supports it). The graph is kept: it keeps the pool, and so the block,
         alive while graphs captured afterwards embed its address."""
         self.primer = None  # its destruction may clear the cache (torch 2.11): before, not after, ours
         clear()
-        a = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
-        bias = torch.zeros(16, device=device, dtype=torch.bfloat16)
+        a = torch.zeros(16, 16, device=like.device, dtype=like.dtype)
+        bias = torch.zeros(16, device=like.device, dtype=like.dtype)
         graph = api.CUDAGraph()
         with api.graph(graph, pool=self.get(api)):
             torch.addmm(bias, a, a)
@@ -494,8 +495,9 @@ class CudaGraphCache:
                 fn = record(fn)
             graph = api.CUDAGraph()
             reserved = getattr(api, "memory_reserved", None) if in_place else None
-            device = next((a.device for a in inputs if isinstance(a, torch.Tensor)), torch.device(self.device_type))
-            with _blas_workspace(api, self.pool, in_place, device), warnings.catch_warnings(record=True) as caught:
+            floats = [a for a in inputs if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            like = floats[0] if floats else torch.empty(0, device=self.device_type)
+            with _blas_workspace(api, self.pool, in_place, like), warnings.catch_warnings(record=True) as caught:
                 before = reserved() if reserved is not None else 0
                 warnings.simplefilter("always")
                 with api.graph(graph, pool=pool):
