@@ -361,3 +361,12 @@ def test_launch_targets_compare_pruned_scales_with_each_dense_variant(e2e: Modul
     strict = e2e.launch_target(b, per_scale, "cudagraphs")
     assert strict["status"] == "missed by 1 scale(s)" and "toprovar@2: 84 > 63" in strict["value"]
     assert e2e.launch_target(b, per_scale, "observe")["status"].startswith("n/a")
+
+
+def test_a_generation_is_estimated_from_the_fastest_warm_up(e2e: ModuleType) -> None:
+    """A warm-up that still records CUDA graphs must not set the time reserved for the rounds."""
+    (run,) = [e2e.VariantRun(v) for v in e2e.model_variants("infinity-2b") if v.key == "toprovar"]
+    run.first_call_ms, run.warmup_ms = 90_000.0, [20_072.0, 365.0]
+    assert run.warm_s() == pytest.approx(0.365)
+    run.times_ms = [150.0, 140.0, 160.0]
+    assert run.warm_s() == pytest.approx(0.150)
