@@ -100,6 +100,10 @@ class StaticInput:
         return True
 
 
+# dtypes every cuBLAS GEMM path takes (a float8 input would fail the primer's addmm)
+_GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def _blas_workspace_clearer(api: Any) -> Callable[[], None] | None:
     """The function that drops the BLAS library's cached workspaces, or None where there is none."""
     if api is torch.cuda:
@@ -495,7 +499,7 @@ class CudaGraphCache:
                 fn = record(fn)
             graph = api.CUDAGraph()
             reserved = getattr(api, "memory_reserved", None) if in_place else None
-            floats = [a for a in inputs if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            floats = [a for a in inputs if isinstance(a, torch.Tensor) and a.dtype in _GEMM_DTYPES]
             like = floats[0] if floats else torch.empty(0, device=self.device_type)
             with _blas_workspace(api, self.pool, in_place, like), warnings.catch_warnings(record=True) as caught:
                 before = reserved() if reserved is not None else 0
