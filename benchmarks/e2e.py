@@ -946,6 +946,12 @@ def kernel_class(name: str) -> str:
     return "triton fused" if name.startswith("triton_") else "other"
 
 
+def _tally(table: dict[str, list[float]], name: str, dur: float) -> None:
+    """One more kernel of ``name``: its duration added, its count raised."""
+    table[name][0] += dur
+    table[name][1] += 1
+
+
 def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool) -> dict[str, Any]:
     """Per-scale launches and GPU-busy ms, top kernels / host ops, ``toprovar.*`` ranges of one generation.
 
@@ -996,11 +1002,9 @@ def summarize_trace(events: list[dict[str, Any]], num_scales: int, *, gpu: bool)
         class_us[seg][cls] += k.get("dur", 0)
         class_calls[seg][cls] += 1
         if seg in last2 and cls in ADDED_CLASSES:
-            added_last2[f"{cls}: {k['name']}"][0] += k.get("dur", 0)
-            added_last2[f"{cls}: {k['name']}"][1] += 1
+            _tally(added_last2, f"{cls}: {k['name']}", k.get("dur", 0))
         all_busy.append(span)
-        per_kernel[k["name"]][0] += k.get("dur", 0)
-        per_kernel[k["name"]][1] += 1
+        _tally(per_kernel, k["name"], k.get("dur", 0))
     host = _self_times([e for e in inside if e.get("cat") == "cpu_op"])
     ranges: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in inside:

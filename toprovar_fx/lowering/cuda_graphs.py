@@ -499,8 +499,8 @@ class CudaGraphCache:
                 fn = record(fn)
             graph = api.CUDAGraph()
             reserved = getattr(api, "memory_reserved", None) if in_place else None
-            floats = [a for a in inputs if isinstance(a, torch.Tensor) and a.dtype in _GEMM_DTYPES]
-            like = floats[0] if floats else torch.empty(0, device=self.device_type)
+            like = next((a for a in inputs if isinstance(a, torch.Tensor) and a.dtype in _GEMM_DTYPES),
+                        torch.empty(0, device=self.device_type))
             with _blas_workspace(api, self.pool, in_place, like), warnings.catch_warnings(record=True) as caught:
                 before = reserved() if reserved is not None else 0
                 warnings.simplefilter("always")
