@@ -192,10 +192,6 @@ def model_variants(model_name: str) -> list[Variant]:
          f"policy `{main}` with `cuda_graph_lend_outputs: False` (every CUDA-graph output cloned, every per-call "
          "input copied in: what lending contributes)",
          lambda: {"policy": policy_or_missing(main), "cuda_graph_lend_outputs": False}, True),
-        ("toprovar_nochain", f"toprovar {main}, no whole-scale capture", "toprovar",
-         f"policy `{main}` with `cuda_graph_chains: False` (each block replays its own CUDA graph: what "
-         "whole-scale capture contributes)",
-         lambda: {"policy": policy_or_missing(main), "cuda_graph_chains": False}, True),
         ("toprovar_guardfilter", f"toprovar {main}, fewer Dynamo guards", "toprovar",
          f"policy `{main}` with `guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe` (Dynamo "
          "skips the guards on module state: less host time per block call; unsafe if module attributes change "
@@ -226,7 +222,7 @@ def model_variants(model_name: str) -> list[Variant]:
 
 # display order of the tables (the rotation order of the timed rounds too)
 DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "scale", "scale_layer", "toprovar_nocg",
-                 "toprovar_noplan", "toprovar_nolend", "toprovar_nochain", "toprovar_guardfilter", "toprovar")
+                 "toprovar_noplan", "toprovar_nolend", "toprovar_guardfilter", "toprovar")
 VARIANT_KEYS = DISPLAY_ORDER
 
 
@@ -439,7 +435,7 @@ class VariantRun:
     dynamo_frames_timed: int = 0
     toprovar_compiles_timed: int = 0
     # per timed generation: (CUDA-graph replays, calls that had a graph but ran without it)
-    graph_calls_timed: list[tuple[int, ...]] = field(default_factory=list)
+    graph_calls_timed: list[tuple[int, int]] = field(default_factory=list)
     busy_graphs: dict[str, int] = field(default_factory=dict)  # graphs that ran without replay, session totals
     peak_bytes_b1: int | None = None
     # what the caching allocator still holds for the variant after its warm-up and an
@@ -563,7 +559,6 @@ def report_summary(rep: Any) -> dict[str, Any]:
         "planned_blocks": rep.planned_blocks,
         "graph_replays": rep.graph_replays,
         "graph_calls_without_replay": rep.graph_calls_without_replay,
-        "graph_chain_calls": rep.graph_chain_calls,
         "fallbacks": list(dict.fromkeys(rep.fallbacks)),
     }
 
@@ -747,15 +742,10 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
             run.image = out.detach().float().cpu() if isinstance(out, torch.Tensor) else None
         if g.segments_ms is None:
             b.notes.append(f"{run.key}: {g.marks} scale marks in a generation, expected {len(b.schedule)}")
-    run.logits = b.gen(run, capture_logits=True).logits  # same seed: the same generation, logits kept
     if run.variant.kind == "toprovar":
-        # the logits generation's report: the first whose chains of graphs replay as one (they are
-        # recorded in the last warm-up, the first that lends)
         rep = toprovar_fx.last_generation()
         run.report = report_summary(rep) if rep is not None else None
-        pool = last_session().graph_pool() if rep is not None else None
-        if run.report is not None and pool is not None and pool.chains is not None:
-            run.report["graph_chains"] = pool.chains.summary()
+    run.logits = b.gen(run, capture_logits=True).logits  # same seed: the same generation, logits kept
 
 
 def timed_phase(b: Bench) -> None:
@@ -790,8 +780,7 @@ def timed_phase(b: Bench) -> None:
                 rep = toprovar_fx.last_generation()
                 run.toprovar_compiles_timed += rep.compiles if rep is not None else 0
                 if rep is not None and rep.graph_replays is not None:
-                    run.graph_calls_timed.append((rep.graph_replays, rep.graph_calls_without_replay or 0,
-                                                  rep.graph_chain_calls or 0))
+                    run.graph_calls_timed.append((rep.graph_replays, rep.graph_calls_without_replay or 0))
                     pool = last_session().graph_pool()
                     if rep.graph_calls_without_replay and pool is not None:
                         run.busy_graphs = dict(sorted(pool.busy_by.items(), key=lambda kv: -kv[1])[:8])
@@ -1272,22 +1261,11 @@ def _status(r: VariantRun) -> str:
     return "ok" if not r.skipped else "ok (not measured: " + "; ".join(r.skipped) + ")"
 
 
-def graph_calls_cell(calls: Sequence[tuple[int, ...]]) -> str:
-    """``replays / without replay / from chains`` medians over timed generations (the third only when
-    counted), ``-`` when none were counted."""
+def graph_calls_cell(calls: Sequence[tuple[int, int]]) -> str:
+    """``replays / without replay`` medians over timed generations, ``-`` when none were counted."""
     if not calls:
         return "-"
-    cols = min(len(c) for c in calls)
-    return " / ".join(f"{statistics.median(c[i] for c in calls):.0f}" for i in range(cols))
-
-
-def chains_cell(chains: Mapping[str, Any] | None) -> str:
-    """``n (lengths)`` of the chains of graph calls replayed as one graph, ``-`` without the option."""
-    if not chains:
-        return "-"
-    lengths = chains.get("fused_lengths") or []
-    dropped = f", {chains['dropped']} dropped" if chains.get("dropped") else ""
-    return f"{len(lengths)} ({', '.join(map(str, lengths)) or 'none'}{dropped})"
+    return f"{statistics.median(c[0] for c in calls):.0f} / {statistics.median(c[1] for c in calls):.0f}"
 
 
 def scale_class_rows(runs: Sequence[VariantRun], scales: range) -> list[list[str]]:
@@ -1403,18 +1381,16 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
     lines += _table(["key", "label", "definition"], [[r.key, r.variant.label, r.variant.definition] for r in runs])
     reports = [(r.key, r.report, r.graph_calls_timed) for r in runs if r.report]
     if reports:
-        lines += ["### toprovar reports (the generation after warm-up)", ""]
+        lines += ["### toprovar reports (last warm-up generation)", ""]
         lines += ["Graph calls: per timed generation (median), calls replayed from a CUDA graph / calls that "
                   "had a graph but ran without it because an output it lent was still held "
-                  "(`cuda_graph_lend_outputs`) / replayed calls handed out from a chain replayed as one graph "
-                  "at its first call (`cuda_graph_chains`).", ""]
+                  "(`cuda_graph_lend_outputs`).", ""]
         lines += _table(["variant", "rewrites", "start scale D (1-based)", "pruned scales", "planned blocks",
-                         "graph calls", "chains (calls each)", "fallbacks"], [
+                         "graph calls", "fallbacks"], [
             [key, rep["attention_rewrites"], "-" if rep["start_scale"] is None else rep["start_scale"] + 1,
              ", ".join(str(s["index"] + 1) + ("(skip)" if s["skipped"] else "") for s in rep["scales"]
                        if s["flops_executed"] < s["flops_dense"]) or "none", rep.get("planned_blocks", 0),
-             graph_calls_cell(calls), chains_cell(rep.get("graph_chains")),
-             "; ".join(f[:160] for f in rep["fallbacks"][:3]) or "none"]
+             graph_calls_cell(calls), "; ".join(f[:160] for f in rep["fallbacks"][:3]) or "none"]
             for key, rep, calls in reports])
         busy = [f"{r.key}: " + ", ".join(f"{n} x{c}" for n, c in r.busy_graphs.items()) for r in runs if r.busy_graphs]
         if busy:
@@ -1518,10 +1494,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="wall-clock budget counted from the end of the imports; what does not fit is "
                     "skipped (default 500: about 9 minutes in all)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each variant once per round); default 7")
-    ap.add_argument("--warmup", type=int, default=3,
-                    help="warm-up calls after the first call (>= 1); default 3: toprovar lends CUDA-graph outputs from "
-                         "the second call on that compiles nothing (it captures its graphs again), records chains of "
-                         "graphs in the next and captures them as one in the one after (the logits generation)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up calls after the first call (>= 1); default 2")
     ap.add_argument("--variants", default=",".join(VARIANT_KEYS),
                     help=f"comma-separated subset of {','.join(VARIANT_KEYS)}")
     ap.add_argument("--batch-mem", type=int, default=None,

@@ -41,9 +41,6 @@ class Settings:
     # Most memory (MiB) the pools of graphs that lend large outputs in place may reserve in all;
     # past it such graphs lend through copies into homes. None = 1/16 of the GPU's memory.
     cuda_graph_private_max_mib: float | None = None
-    # Replay a chain of graph calls that recurs every generation (the blocks of a dense scale)
-    # from one CUDA graph captured for it (lowering/graph_chains.py); needs lending.
-    cuda_graph_chains: bool = True
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
     # CUDA graphs per decision signature (runtime/block_plans.py).
     planned_blocks: bool = True
@@ -77,9 +74,6 @@ _OPTION_DOCS = {
     "cuda_graph_private_max_mib": "number >= 0: most memory (MiB) reserved in all by the own pools of graphs "
                                   "that lend large outputs in place; past it they lend through a copy "
                                   "(default: 1/16 of the GPU's memory)",
-    "cuda_graph_chains": "bool: replay a chain of graph calls that recurs every generation (the blocks of a "
-                         "dense scale) from one CUDA graph, checking each call against the chain (default on; "
-                         "needs cuda_graph_lend_outputs)",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
                       "(default on)",
     "strict": "bool: raise instead of falling back to dense",
@@ -103,8 +97,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         raise ValueError(f"toprovar: option 'mode' must be one of {VALID_MODES}, got {mode!r}")
     if mode == "prune" and options.get("policy") is None:
         raise ValueError("toprovar: option mode='prune' needs option 'policy' (a name, YAML path or dict)")
-    for key in ("inductor", "strict", "cuda_graphs", "planned_blocks", "cuda_graph_lend_outputs",
-                "cuda_graph_chains"):
+    for key in ("inductor", "strict", "cuda_graphs", "planned_blocks", "cuda_graph_lend_outputs"):
         val = options.get(key)
         if val is not None and not isinstance(val, bool):
             raise ValueError(f"toprovar: option {key!r} must be a bool, got {val!r}")
@@ -141,7 +134,6 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graph_pool=pool,
         cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", True)),
         cuda_graph_private_max_mib=None if private_mib is None else float(private_mib),
-        cuda_graph_chains=bool(options.get("cuda_graph_chains", True)),
         planned_blocks=bool(options.get("planned_blocks", True)),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,

@@ -783,12 +783,6 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
         lent = set(last_session().graph_pool().lent)
         assert lent and not any(t.data_ptr() in lent for t in last_session().decider.cache.values())
         assert (sum(c.private for c in made) > 0) == (cuda_graphs.PRIVATE_LEND_MIN_BYTES == 4096)
-        # whole-scale capture: the chains recorded in that generation run as one graph from the next
-        _ = got = None
-        chains = last_session().graph_pool().chains
-        served = chains.served
-        _, got = call(fast)
-        assert chains.captures > 0 and chains.served > served and not chains.dropped
     rep = toprovar_fx.last_generation()
     if lend:
         # counted from the generation's first attention on: graphs called before it (the first

@@ -196,10 +196,6 @@ class _Captured:
         self.watch = {i: _storage_use_count(st) for i, st in self._storages.items()}
         self.busy = 0  # calls that ran without the graph because a lent output was still held
         self.own_pool_bytes = 0  # memory reserved by the graph's own pool (lending in place), else 0
-        # the captured function (writing lent outputs into their homes): what a fused chain calls
-        # (``graph_chains``); None where it cannot be called again
-        self.fn: Callable | None = None
-        self.unseen_copies = 0  # copies made by the capture for the call that replays next
 
     def expect_held(self, position: int, extra: int) -> None:
         """``extra`` more references to output ``position``'s storage are held for good (by a
@@ -280,7 +276,7 @@ class SharedPool:
     (benchmarks/results/e2e.md, "Memory").
     """
 
-    def __init__(self, lending: bool = False, private_budget: int | None = None, chains: bool = True) -> None:
+    def __init__(self, lending: bool = False, private_budget: int | None = None) -> None:
         self.handle: Any = None
         self.buffers: dict[tuple[Any, ...], StaticInput] = {}
         # address -> (layout, owning graph, output position) of every lent static output (option
@@ -299,12 +295,6 @@ class SharedPool:
         self.private_budget = private_budget
         self.private_bytes = 0
         self.primer: Any = None  # the graph that allocated the cached cuBLAS workspace in this pool
-        # chains of replays recorded and served from one graph each (option cuda_graph_chains)
-        self.chains: Any = None
-        if chains:
-            from .graph_chains import GraphChains  # it builds on this module
-
-            self.chains = GraphChains(self)
 
     def private_room(self, api: Any) -> bool:
         """Whether one more graph may lend in place from a pool of its own (``CudaGraphCache._homes``).
@@ -353,8 +343,6 @@ class SharedPool:
         # ("use_count > 0", seen on the H200 with torch 2.11); the old pool is freed with its graphs.
         self.handle = None
         self.primer = None
-        if self.chains is not None:
-            self.chains.reset()
         dropped = 0
         for cache in list(self.caches):
             dropped += sum(entry is not None for entry in cache.graphs.values())
@@ -422,18 +410,16 @@ class CudaGraphCache:
         self.private = 0  # captures into a pool of their own (large outputs lent in place)
 
     def __call__(self, *args: Any) -> Any:
-        pool = self.pool
-        chains = pool.chains if pool is not None and pool.lending else None
         if self.disabled is None and len(args) == self.n_args:
             key = self._key(args)
             try:
                 entry = self.graphs.get(key, _UNSEEN)
             except TypeError:  # an argument that is neither a tensor nor a plain value: never captured
-                entry = None
+                return self.fn(*args)
             if entry is _UNSEEN:
                 entry = self._first_sight(key, args)
             if entry is not None:
-                out = entry.run(args) if chains is None else chains.call(entry, args, self.api)
+                out = entry.run(args)
                 if out is not BUSY:
                     self.replays += 1
                     if self.pool is not None:
@@ -443,8 +429,6 @@ class CudaGraphCache:
                     self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
                 if entry.busy >= BUSY_LIMIT:
                     self._capture_without_lending(key, entry, args)
-        if chains is not None:
-            chains.interrupt()
         return self.fn(*args)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
@@ -472,8 +456,6 @@ class CudaGraphCache:
         outside holder keeps of ``old``'s outputs stays valid (its storage is referenced)."""
         log.info("toprovar: %s could not replay %d calls; captured again without lending", self.name, old.busy)
         new = self._capture(args, lend=False)
-        if self.pool.chains is not None:
-            self.pool.chains.reset()  # chains that hold ``old`` would write into what is held
         for i in old.watch:
             self.pool.lent.pop(old._flat[i].data_ptr(), None)
         self.pool.private_bytes -= old.own_pool_bytes  # its pool is freed with it
@@ -487,7 +469,6 @@ class CudaGraphCache:
         inputs = list(args)
         buffers: dict[int, StaticInput] = {}
         borrowed: dict[int, int] = {}
-        copied = 0
         for i in self.dynamic_idx:
             a = args[i]
             if not isinstance(a, torch.Tensor):
@@ -498,7 +479,7 @@ class CudaGraphCache:
                 inputs[i] = a.detach()  # our own alias, to see whether the capture keeps it
                 continue
             buffers[i] = self.pool.input_buffer(i, a) if self.pool is not None else _empty_like_layout(a)
-            copied += buffers[i].refresh(a)
+            buffers[i].refresh(a)
             inputs[i] = buffers[i].tensor
         try:
             # warm-up on a side stream (lazy initialisation, autotuning), as CUDA graphs require
@@ -512,7 +493,7 @@ class CudaGraphCache:
             del warm
             # a graph lending large outputs in place owns its memory pool (see ``_homes``)
             pool = None if self.pool is None or in_place else self.pool.get(api)
-            fn = plain = _copying_into(self.fn, homes)
+            fn = _copying_into(self.fn, homes)
             record = getattr(api, "record_replay", None)  # a stand-in API replaying in Python
             if record is not None:
                 fn = record(fn)
@@ -559,8 +540,6 @@ class CudaGraphCache:
             owner, position = self.pool.lent[borrowed[i]][1:]
             owner.expect_held(position, 1 - (with_alias - _use_count(args[i])))  # 1: the alias lives on
         captured = _Captured(graph, inputs, buffers, outputs, lent, borrowed)
-        captured.fn = plain
-        captured.unseen_copies = copied  # the first call's copies, made here: a chain starts at it
         if in_place:
             self.private += 1
             captured.own_pool_bytes = own_pool

@@ -61,9 +61,6 @@ class GenerationReport:
     # cuda_graph_lend_outputs); None with cuda_graph_pool: private
     graph_replays: int | None = None
     graph_calls_without_replay: int | None = None
-    # of the replayed calls, those handed out from a chain replayed as one graph at its first call
-    # (option cuda_graph_chains, ``lowering/graph_chains.py``)
-    graph_chain_calls: int | None = None
     fallbacks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class GenerationState:
     compiles_before: int
     compile_seconds_before: float
     planned_before: int = 0
-    graph_counts_before: tuple[int, int, int] | None = None  # shared pool's (replays, busy, chain calls) at the start
+    graph_counts_before: tuple[int, int] | None = None  # shared pool's (replays, busy) at the start
     entropy: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (scale, layer) -> [rows, L]
     tokens: dict[int, int] = field(default_factory=dict)  # scale -> token count
     hw: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -114,8 +114,7 @@ class Session:
             from ..lowering.cuda_graphs import SharedPool
 
             mib = self.settings.cuda_graph_private_max_mib
-            self._graph_pool = SharedPool(private_budget=None if mib is None else int(mib * 2**20),
-                                          chains=self.settings.cuda_graph_chains)
+            self._graph_pool = SharedPool(private_budget=None if mib is None else int(mib * 2**20))
         return self._graph_pool
 
     def add_site(self, **kw: Any) -> SiteInfo:
@@ -172,11 +171,9 @@ class Session:
                 self._policy_mismatch(self.clock.mismatch)
         return t
 
-    def _graph_counts(self) -> tuple[int, int, int] | None:
+    def _graph_counts(self) -> tuple[int, int] | None:
         pool = self._graph_pool
-        if pool is None:
-            return None
-        return pool.replays, pool.busy, 0 if pool.chains is None else pool.chains.served
+        return None if pool is None else (pool.replays, pool.busy)
 
     def _maybe_start_lending(self) -> None:
         """Option ``cuda_graph_lend_outputs``: start lending CUDA-graph outputs after the first
@@ -300,9 +297,8 @@ class Session:
         rep.planned_blocks = self.planned_calls - gen.planned_before
         now, before = self._graph_counts(), gen.graph_counts_before
         if now is not None:
-            before = before or (0, 0, 0)
-            rep.graph_replays, rep.graph_calls_without_replay, rep.graph_chain_calls = (
-                now[0] - before[0], now[1] - before[1], now[2] - before[2])
+            before = before or (0, 0)
+            rep.graph_replays, rep.graph_calls_without_replay = now[0] - before[0], now[1] - before[1]
         rep.fallbacks = list(gen.fallbacks)
         means = self._layer_means(gen)
         for s in sorted(gen.tokens):
