@@ -1,5 +1,7 @@
 """Prune mode: keep-all equals dense; fixed decisions equal the zoo's reference pruning path."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -129,3 +131,50 @@ def test_entropy_decisions_are_per_image_and_shared_by_cfg_halves():
         assert torch.equal(idx[0], idx[2]) and torch.equal(idx[1], idx[3])
         differs |= not torch.equal(idx[0], idx[1])
     assert differs  # two images, two entropy maps, different kept tokens somewhere
+
+
+def test_the_scale_decision_is_read_at_the_first_layer_that_needs_it(monkeypatch):
+    """Layers between the measured layer and the first Detail layer keep every branch whatever the
+    decision says: the decision's device work is launched at the first of them and read (the host
+    synchronisation) only before the Detail layer. Decisions and logits are those of deciding at
+    once."""
+    import yaml
+
+    from toprovar_fx.policies import loader
+    from toprovar_fx.runtime import decisions
+
+    path = Path(loader.__file__).parent / "infinity-tiny.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["name"] = "infinity-tiny-late-detail"
+    spec["scale"]["criterion"] = "fixed"
+    spec["layer"]["mode"] = "frozen"
+    spec["layer"]["frozen"] = {"detail": [3]}  # measure_layer 1; layer 2 Global, layer 3 Detail
+    m, call = model("infinity-tiny"), sampler_call("infinity-tiny", 1)
+    read_at: list[tuple[int, int]] = []
+    finish = decisions.Decider._finish_decision
+
+    def spy(self):
+        read_at.append((self.tick.scale, self.tick.layer))
+        return finish(self)
+
+    monkeypatch.setattr(decisions.Decider, "_finish_decision", spy)
+
+    def run():
+        torch._dynamo.reset()
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": spec})
+        call(fast)
+        read_at.clear()
+        _, logits = call(fast)
+        rep = toprovar_fx.last_generation()
+        return logits, [(s.index, [(lay.action, lay.kept_tokens) for lay in s.layers]) for s in rep.scales]
+
+    deferred, deferred_rep = run()
+    pruned = [s for s, layers in deferred_rep if any(a != "keep" for a, _ in layers)]
+    # read after layer 2 ran, before layer 3, once per scale from the first the policy may act on
+    assert pruned and {lay for _, lay in read_at} == {2} and set(pruned) <= {s for s, _ in read_at}
+    assert len(read_at) == len({s for s, _ in read_at})
+    monkeypatch.setattr(decisions.Decider, "_keeps_regardless", lambda self, res, layer: False)
+    at_once, at_once_rep = run()
+    assert {lay for _, lay in read_at} == {1} and set(pruned) <= {s for s, _ in read_at}  # right after the measured layer
+    assert deferred_rep == at_once_rep
+    assert max_rel_diff(deferred, at_once) == 0.0
