@@ -6,8 +6,9 @@ recording costs no host synchronisation.
 
 Expects: ``(site, entropy_node)`` pairs from ``rewrite_attention``; a graph whose single
 ``output`` node returns a tuple or list. Guarantees: the output tuple is the original
-outputs followed by the entropy nodes in the given order; returns the number of original
-outputs so that the caller can split them off again.
+outputs followed by the entropy nodes of the self-attention sites and of the sites whose kind
+is unknown, in the given order (cross-attention entropy is never recorded, so it stays inside);
+returns the number of original outputs so that the caller can split them off again.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ def append_outputs(gm: fx.GraphModule, entropies: list[fx.Node]) -> tuple[int, b
 
 
 def hoist_entropy_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pass entry point: hoist every entropy node not consumed inside the graph already."""
+    """Pass entry point: hoist every entropy node not consumed inside the graph already, except
+    those of sites known to be cross-attention: the runtime records self-attention entropy only,
+    and each hoisted output costs a clone and a record call per graph call (host time at the
+    launch-bound early scales)."""
     pending = [(site, ent, ctx.site_ids[ent]) for site, ent in ctx.rewritten
-               if ent in ctx.site_ids and ent.graph is gm.graph]
+               if ent in ctx.site_ids and ent.graph is gm.graph and site.kind != "cross"]
     outputs = []
     ctx.hoisted = []
     for site, ent, sid in pending:
