@@ -7,7 +7,7 @@ node arguments).
 
 Run-time cost: events only append tensors to lists (no host synchronisation). Statistics
 (means, rho, entropy maps) are computed when a report is asked for; pruning decisions
-synchronise at most once per scale (``runtime/decisions.py``).
+synchronise at most once per scale, at the first block that needs them (``runtime/decisions.py``).
 """
 
 from __future__ import annotations
