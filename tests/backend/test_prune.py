@@ -1,7 +1,5 @@
 """Prune mode: keep-all equals dense; fixed decisions equal the zoo's reference pruning path."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -138,17 +136,12 @@ def test_the_scale_decision_is_read_at_the_first_layer_that_needs_it(monkeypatch
     decision says: the decision's device work is launched at the first of them and read (the host
     synchronisation) only before the Detail layer. Decisions and logits are those of deciding at
     once."""
-    import yaml
-
-    from toprovar_fx.policies import loader
+    from toprovar_fx.policies import load_policy
     from toprovar_fx.runtime import decisions
 
-    path = Path(loader.__file__).parent / "infinity-tiny.yaml"
-    spec = yaml.safe_load(path.read_text())
-    spec["name"] = "infinity-tiny-late-detail"
-    spec["scale"]["criterion"] = "fixed"
-    spec["layer"]["mode"] = "frozen"
-    spec["layer"]["frozen"] = {"detail": [3]}  # measure_layer 1; layer 2 Global, layer 3 Detail
+    # measure_layer 1; layer 2 Global, layer 3 Detail
+    spec = load_policy("infinity-tiny").derive("infinity-tiny-late-detail", {
+        "scale": {"criterion": "fixed"}, "layer": {"mode": "frozen", "frozen": {"detail": [3]}}})
     m, call = model("infinity-tiny"), sampler_call("infinity-tiny", 1)
     read_at: list[tuple[int, int]] = []
     finish = decisions.Decider._finish_decision

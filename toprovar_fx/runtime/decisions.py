@@ -50,6 +50,7 @@ class PendingDecision:
     """A scale decision whose device values are on their way to the host."""
 
     res: Any  # the policy's scale refs it was launched with
+    acts: bool  # False: the policy cannot act at this scale (scale stage off, before min_start)
     values: torch.Tensor | None  # host copy of [rho?, kept counts...] (None: nothing to read)
     event: Any  # recorded after the copy (CUDA), or None
     layers: list[int]
@@ -209,14 +210,19 @@ class Decider:
     def _launch_ahead(self, res) -> bool:
         """``_decide_ahead`` without reading the values: the device work and the copy to the host
         are queued (``_launch_decision``); False when the dispatcher must decide."""
-        tick, gen = self.tick, self.gen
-        if (self.override is not None or not self._needs_entropy or tick is None or tick.scale == 0
-                or (tick.scale, self.policy.scale.measure_layer) not in gen.entropy):
+        if not self._can_decide_ahead():
             return False
         if self.cur.pending is None:
             with record_function("toprovar.decide_scale"):
-                self._launch_decision(res, tick)
+                self._launch_decision(res, self.tick)
         return True
+
+    def _can_decide_ahead(self) -> bool:
+        """Whether the running scale's decision can be taken outside the dispatcher: an entropy
+        policy, no test override, past scale 0, and the measured layer's entropy recorded."""
+        tick = self.tick
+        return not (self.override is not None or not self._needs_entropy or tick is None or tick.scale == 0
+                    or (tick.scale, self.policy.scale.measure_layer) not in self.gen.entropy)
 
     def _decide_ahead(self, res) -> bool:
         """Take the running scale's decisions before its first block past the measured layer is
@@ -226,8 +232,7 @@ class Decider:
         False when the dispatcher must decide (no entropy yet, fixed-ratio policies, test overrides).
         """
         tick, gen = self.tick, self.gen
-        if (self.override is not None or not self._needs_entropy or tick is None or tick.scale == 0
-                or (tick.scale, self.policy.scale.measure_layer) not in gen.entropy):
+        if not self._can_decide_ahead():
             return False
         if not gen.layer_classes:
             with record_function("toprovar.layer_svd"):
@@ -604,7 +609,7 @@ class Decider:
         cur, gen, pol = self.cur, self.gen, self.policy
         s = tick.scale
         if pol.scale.mode == "off" or (gen.start_scale is None and s < res.min_start):
-            cur.pending = PendingDecision(res, None, None, [], False, False)
+            cur.pending = PendingDecision(res, False, None, None, [], False, False)
             return
         ent = gen.entropy.get((s, pol.scale.measure_layer))
         depth = self.session.clock.depth or 0
@@ -627,23 +632,22 @@ class Decider:
                 event.record()
             else:
                 values = dev
-        cur.pending = PendingDecision(res, values, event, layers, need_rho, gated)
+        cur.pending = PendingDecision(res, True, values, event, layers, need_rho, gated)
 
     def _finish_decision(self) -> None:
         """Read the pending decision's values (waiting only for its own device work) and apply them."""
         cur, gen, pol = self.cur, self.gen, self.policy
         pend, cur.pending = cur.pending, None
-        res = pend.res
         cur.decided = True
+        if not pend.acts:
+            return
         if pend.event is not None:
             pend.event.synchronize()
         values = pend.values.tolist() if pend.values is not None else []
-        need_rho, gated, layers = pend.need_rho, pend.gated, pend.layers
+        res, need_rho, gated, layers = pend.res, pend.need_rho, pend.gated, pend.layers
         s = cur.scale
         n = gen.tokens[s]
         depth = self.session.clock.depth or 0
-        if pol.scale.mode == "off" or (gen.start_scale is None and s < res.min_start):
-            return
         if gen.start_scale is None:
             if pol.scale.criterion == "fixed" or s >= res.max_start:
                 gen.start_scale = s
