@@ -122,8 +122,7 @@ def _lower_whole(work: fx.GraphModule, ctx: PassContext) -> Callable:
     if _wants_cuda_graphs(settings, example_inputs) and not mutates_inputs(work.graph):
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
         fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}",
-                            pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs,
-                            own_outputs=ctx.n_outputs)
+                            pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs)
     return fn
 
 
@@ -173,7 +172,7 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
 def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunner | None:
     """``PlannedBlockRunner`` for a one-block dispatcher graph (option ``planned_blocks``), if it fits."""
     # locals, not ``ctx``, in the closure below: ``ctx`` holds the compile's example inputs
-    session, graph_id, n_outputs = ctx.session, ctx.graph_id, ctx.n_outputs
+    session, graph_id = ctx.session, ctx.graph_id
     settings = session.settings
     if not settings.planned_blocks or ctx.hoisted or not ctx.spec_ids or mutates_inputs(work.graph):
         return None  # a replay must not depend on what an earlier call wrote into its inputs
@@ -191,8 +190,7 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunne
         if not use_graphs:
             return fn
         return CudaGraphCache(fn, static + [False] * n_extra, max_bytes, name=f"planned block of graph {graph_id}",
-                              pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs,
-                              own_outputs=n_outputs)
+                              pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs)
 
     return PlannedBlockRunner(session, work.forward, list(ctx.spec_ids), placeholders.index(first.x),
                               ctx.n_outputs, ctx.outputs_sequence, wrap)

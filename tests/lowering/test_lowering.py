@@ -302,7 +302,6 @@ def test_lent_outputs_are_read_in_place_and_never_overwritten_while_held(monkeyp
     replay, so the held values never change."""
     from toprovar_fx.lowering.cuda_graphs import SharedPool
 
-    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 0)
     api = _FakeGraphAPI()
     pool = SharedPool(lending=True)
     first, second = (CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api,
@@ -338,12 +337,11 @@ def test_lent_outputs_are_read_in_place_and_never_overwritten_while_held(monkeyp
     assert g2.busy == 1
 
 
-def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
+def test_lending_starts_by_capturing_again_and_lends_every_output():
     """Graphs captured before lending started clone their outputs; ``start_lending`` drops them so
-    they are captured again, lending; outputs under ``LEND_MIN_BYTES`` are cloned even then."""
+    they are captured again, lending every tensor output (the entropies after the caller's own too)."""
     from toprovar_fx.lowering.cuda_graphs import SharedPool
 
-    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 8 * 4 * 4)  # [8, 4] float32 outputs and up
     api = _FakeGraphAPI()
     pool = SharedPool()
     cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
@@ -356,19 +354,22 @@ def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
     assert pool.start_lending() == 1 and pool.start_lending() == 0 and not cache.graphs
     out, col = cache(x, w, 0)
     (after,) = cache.graphs.values()
-    assert api.captures == 2 and set(after.watch) == {0}  # the [8, 4] output is lent, the [4] sums are not
-    assert out.data_ptr() == after.outputs[0].data_ptr() and col.data_ptr() != after.outputs[1].data_ptr()
+    assert api.captures == 2 and set(after.watch) == {0, 1}
+    assert out.data_ptr() == after.outputs[0].data_ptr() and col.data_ptr() == after.outputs[1].data_ptr()
     torch.testing.assert_close(out, x @ w)
-    # the caller's own outputs (``own_outputs``: what Dynamo passes on) are lent at any size, the
-    # outputs after them (entropies) only from LEND_MIN_BYTES
-    small = torch.randn(2, 4)
-    own = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
-                         pool=pool, lend=True, own_outputs=1)
-    out, col = own(small, w, 0)
-    (entry,) = own.graphs.values()
-    assert set(entry.watch) == {0} and out.data_ptr() == entry.outputs[0].data_ptr()
-    torch.testing.assert_close(out, small @ w)
-    assert CudaGraphCache._lendable((out, col), own=2) == {0, 1} and CudaGraphCache._lendable((out, col), own=1) == {0}
+    torch.testing.assert_close(col, x.sum(0))
+    held = col  # as the generation's state holds an entropy: the graph runs without replay meanwhile
+    del out, col
+    x2 = torch.randn(8, 4)
+    out2, col2 = cache(x2, w, 0)
+    assert after.busy == 1 and col2.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, x.sum(0))
+    torch.testing.assert_close(col2, x2.sum(0))
+    del held, out2, col2
+    out, col = cache(x2, w, 0)  # nothing held: replayed again
+    assert after.busy == 1 and col.data_ptr() == after.outputs[1].data_ptr()
+    assert CudaGraphCache._lendable((out, 3, col)) == {0, 2}
+    del out, col
     # the lent output is handed out from its home, allocated outside the capture (the memory pool)
     # and laid out as a clone: a view into a larger buffer (K of a fused QKV) reaches the caller
     # with the strides it had before lending started, so Dynamo does not recompile for it
@@ -376,15 +377,15 @@ def test_lending_starts_by_capturing_again_and_skips_small_outputs(monkeypatch):
         return (torch.cat([x @ w, x], 1) + n)[:, :4], x.sum(0)
 
     split = CudaGraphCache(_replayable(k_of_qkv), static=[False, True, False], max_bytes=1 << 20, api=api,
-                           device_type="cpu", pool=pool, lend=True, own_outputs=1)
+                           device_type="cpu", pool=pool, lend=True)
     for _ in range(2):
         x = torch.randn(2, 4)
-        k, _ = split(x, w, 1)
+        k, sums = split(x, w, 1)
         torch.testing.assert_close(k, x @ w + 1)
         (entry,) = split.graphs.values()
         assert k.stride() == (4, 1) and k.data_ptr() == entry.outputs[0].data_ptr()
-        del k
-    assert set(entry.watch) == {0} and split.replays == 2
+        del k, sums
+    assert set(entry.watch) == {0, 1} and split.replays == 2
     assert api.pools[-1] == pool.get(api)  # small lent outputs: homes, the shared pool
 
 
@@ -403,7 +404,7 @@ def test_large_lent_outputs_are_lent_in_place_from_a_private_pool(monkeypatch):
         return h, torch.cat([h, x], 1)[:, :4]  # a dense output, then a view into a larger buffer
 
     cache = CudaGraphCache(_replayable(block), static=[False, True, False], max_bytes=1 << 20, api=api,
-                           device_type="cpu", pool=pool, lend=True, own_outputs=2)
+                           device_type="cpu", pool=pool, lend=True)
     w = torch.randn(4, 4)
     for _ in range(3):
         x = torch.randn(4, 4)
@@ -432,7 +433,7 @@ def test_pools_of_their_own_stop_at_the_memory_budget(monkeypatch):
     api.private_cost = 1000
     pool = SharedPool(lending=True, private_budget=1500)
     caches = [CudaGraphCache(_replayable(lambda x, w: (x @ w,)), static=[False, True], max_bytes=1 << 20, api=api,
-                             device_type="cpu", pool=pool, lend=True, own_outputs=1) for _ in range(3)]
+                             device_type="cpu", pool=pool, lend=True) for _ in range(3)]
     ws = [torch.randn(4, 4) for _ in caches]
     for _ in range(2):
         x = torch.randn(4, 4)
@@ -472,7 +473,6 @@ def test_a_graph_kept_from_replaying_is_captured_again_without_lending(monkeypat
     captured again, cloning, and replays from then on; what the caller kept never changes."""
     from toprovar_fx.lowering.cuda_graphs import BUSY_LIMIT, SharedPool
 
-    monkeypatch.setattr(cuda_graphs, "LEND_MIN_BYTES", 0)
     api = _FakeGraphAPI()
     pool = SharedPool(lending=True)
     cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
@@ -584,7 +584,7 @@ def test_graphs_lending_in_place_embed_the_shared_pools_workspace(monkeypatch):
     api = _WorkspaceAPI()
     pool = SharedPool(lending=True)
     big = CudaGraphCache(_replayable(lambda x, w: (x @ w,)), static=[False, True], max_bytes=1 << 20, api=api,
-                         device_type="cpu", pool=pool, lend=True, own_outputs=1)
+                         device_type="cpu", pool=pool, lend=True)
     small = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
                            pool=pool)
     x, w = torch.randn(4, 4), torch.randn(4, 3)
@@ -754,9 +754,9 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     api = _FakeGraphAPI()
     made: list[CudaGraphCache] = []
 
-    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False, own_outputs=0):
+    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False):
         made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu",
-                                   pool=pool, lend=lend, own_outputs=own_outputs))
+                                   pool=pool, lend=lend))
         return made[-1]
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -222,7 +223,6 @@ class _Captured:
         return outs[0] if self._sequence is None else self._sequence(outs)
 
 
-LEND_MIN_BYTES = 1 << 20  # smaller outputs are cloned even when lending (see _lendable)
 # a graph whose lendable outputs total this much lends them in place from a private pool (see _homes)
 PRIVATE_LEND_MIN_BYTES = 16 << 20
 # A graph that could not replay this many calls (a lent output still held, or a borrowed input
@@ -234,6 +234,17 @@ BUSY = object()  # _Captured.run: the graph cannot replay now; run the call with
 
 
 _UNSEEN = object()
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``args -> tuple(args[i] for i in positions)``, in C (``operator.itemgetter``) where it can."""
+    if len(positions) >= 2:
+        return operator.itemgetter(*positions)
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda args: (args[only],)
+    return lambda args: ()
 
 
 def _empty_like_layout(like: torch.Tensor) -> StaticInput:
@@ -385,12 +396,10 @@ class CudaGraphCache:
 
     def __init__(self, fn: Callable, static: Sequence[bool], max_bytes: int, name: str = "graph",
                  max_graphs: int = 4096, api: Any = None, device_type: str = "cuda",
-                 pool: SharedPool | None = None, lend: bool = False, own_outputs: int = 0):
+                 pool: SharedPool | None = None, lend: bool = False):
         self.fn = fn
         self.pool = pool  # None: a private pool per captured graph
         self.lend = lend and pool is not None  # lending needs the session's registry of lent outputs
-        # outputs before this position are lent whatever their size (``_lendable``)
-        self.own_outputs = own_outputs
         if self.lend:
             pool.caches.add(self)
         # the CUDA graph API and the device it captures on; tests pass a stand-in to check the
@@ -400,6 +409,8 @@ class CudaGraphCache:
         self.n_args = len(static)
         self.static_idx = [i for i, s in enumerate(static) if s]
         self.dynamic_idx = [i for i, s in enumerate(static) if not s]
+        self._statics_of = _getter(self.static_idx)
+        self._dynamics_of = _getter(self.dynamic_idx)
         self.max_bytes = max_bytes
         self.max_graphs = max_graphs
         self.name = name
@@ -432,10 +443,13 @@ class CudaGraphCache:
         return self.fn(*args)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
-        statics = tuple([args[i].data_ptr() if isinstance(args[i], torch.Tensor) else args[i]
-                         for i in self.static_idx])
+        try:  # module state is tensors: the addresses in C loops (a third of the key's host time)
+            statics = tuple(map(_data_ptr, self._statics_of(args)))
+        except TypeError:
+            statics = tuple([args[i].data_ptr() if isinstance(args[i], torch.Tensor) else args[i]
+                             for i in self.static_idx])
         dynamic = tuple([(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a
-                         for a in [args[i] for i in self.dynamic_idx]])
+                         for a in self._dynamics_of(args)])
         return statics, dynamic
 
     def _first_sight(self, key: tuple[Any, ...], args: Sequence[Any]) -> _Captured | None:
@@ -575,7 +589,7 @@ class CudaGraphCache:
         if not lend:
             return {}, frozenset()
         flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        lendable = self._lendable(flat, self.own_outputs)
+        lendable = self._lendable(flat)
         in_place: frozenset[int] = frozenset()
         large = sum(flat[i].numel() * flat[i].element_size() for i in lendable) >= PRIVATE_LEND_MIN_BYTES
         if self.pool is not None and large and self.pool.private_room(self.api):
@@ -595,14 +609,15 @@ class CudaGraphCache:
                      pool.private_bytes / 2**20, pool.private_budget / 2**20)
 
     @staticmethod
-    def _lendable(outputs: Sequence[Any], own: int = 0) -> frozenset[int]:
-        """Outputs that may be handed out without a clone: tensors among the first ``own`` (what
-        Dynamo gets back and passes on: hidden state, K/V) or of at least ``LEND_MIN_BYTES``. The
-        outputs after the caller's own (entropies, kept indices) are kept by the decider for the
-        whole generation and the next one's decisions: lent, they would make their graph run
-        without replay; cloned, they cost a launch each. The caller's own outputs are lent at any
-        size: at the launch-bound early scales they are small, and a clone there costs a launch
-        and an allocation per output and the next graph a copy in (on the H200: 932 clones per
-        generation, the top host op under ``cProfile``)."""
-        return frozenset(i for i, o in enumerate(outputs)
-                         if isinstance(o, torch.Tensor) and (i < own or o.numel() * o.element_size() >= LEND_MIN_BYTES))
+    def _lendable(outputs: Sequence[Any]) -> frozenset[int]:
+        """Outputs handed out without a clone: every tensor. At the launch-bound early scales a
+        clone costs an allocation and a launch per output, and the next graph a copy in (on the
+        H200: 932 clones per generation were the top host op under ``cProfile`` before the
+        caller's own outputs were lent, and the hoisted entropy's clone was still about one per
+        block call after). The entropies and kept indices a graph returns after the caller's own
+        outputs are held by the generation's state until the next generation starts, so each such
+        graph replays once per generation with nothing of it held, except the graph of the next
+        generation's first block, which runs before the clock knows a new generation started: it
+        finds its entropy held, runs without replay, and after ``BUSY_LIMIT`` such calls is
+        captured again without lending (one graph of the session)."""
+        return frozenset(i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor))

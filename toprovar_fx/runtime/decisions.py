@@ -80,11 +80,15 @@ class Decider:
         # the last entropy-driven selection (entropy tensor, k, rows, indices): the blocks of a scale
         # that share an entropy source and a kept count keep the same tokens, selected once
         self._selection: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
+        # first_active_scale() of this generation once known (forgotten at start_generation; holding the
+        # generation's state instead would keep its lent entropies, so their graphs could not replay)
+        self._first_active: int | None = None
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
     def start_generation(self, gen: Any) -> None:
         self.gen = gen
         self.resolved = None
+        self._first_active = None
         self.cur = None
         self.cache.clear()
         self.cached_hw = None
@@ -248,11 +252,13 @@ class Decider:
         (``ScaleSwitchRunner``). None while unknown (no schedule resolved yet, a test
         override); the schedule length when the policy does not fit (it runs dense).
         """
-        clock = self.session.clock
-        if self.override is not None or self.gen is None or clock.depth is None:
+        clock, gen = self.session.clock, self.gen
+        if self.override is not None or gen is None or clock.depth is None:
             return None  # the fingerprint check needs the depth, known after scale 0
-        if clock.mismatch is not None or self.gen.index in self.unfit:
+        if clock.mismatch is not None or gen.index in self.unfit:
             return 10**9
+        if self._first_active is not None:
+            return self._first_active  # asked before every block call: the policy's refs are fixed per generation
         res = self._resolve()
         if res is None:
             return None
@@ -264,7 +270,9 @@ class Decider:
             firsts.append(res.reuse_cond_from)
         if pol.restore.mode == "cached_scale" and res.cached_scale is not None:
             firsts.append(res.cached_scale)
-        return max(1, min(firsts))
+        first = max(1, min(firsts))
+        self._first_active = first
+        return first
 
     def observed_fingerprint(self, num_scales: int) -> dict[str, Any]:
         """What the graphs and the clock tell about the model (family is not observable)."""
@@ -452,29 +460,33 @@ class Decider:
                 self.latest_full = ent
             self.session.record_attention(sid, ent, tick)
 
-    def account_kept(self, spec_ids: list[int]) -> None:
-        """Account branches the dense variant ran at the current block, as ``_keep`` would."""
+    def account_kept(self, spec_ids: tuple[int, ...]) -> None:
+        """Account branches the dense variant ran at the current block, as ``_keep`` would
+        (deferred to the report: ``Session.defer_kept``)."""
         tick, gen = self.tick, self.gen
         if tick is None or gen is None or tick.scale not in gen.tokens:
             return
-        for spec_id in spec_ids:
-            self._account(self.session.branches[spec_id], tick, "keep", gen.tokens[tick.scale])
+        self.session.defer_kept(tick, spec_ids)
 
     def _account(self, spec, tick, action: str, run_tokens: int) -> None:
-        """Executed and dense FLOPs of this branch (linear per token + attention vs K/V)."""
+        """Executed and dense FLOPs of this branch at ``tick`` (linear per token + attention vs K/V)."""
+        self.account(spec, tick.scale, tick.layer, self.gen.rows, action, run_tokens, self.row_fraction)
+
+    def account(self, spec, scale: int, layer: int, rows: int, action: str, run_tokens: int,
+                row_fraction: float = 1.0) -> None:
+        """Executed and dense FLOPs of one branch run on ``run_tokens`` of the scale's tokens."""
         gen = self.gen
-        key = (tick.scale, tick.layer)
-        n = gen.tokens[tick.scale]
-        rows = gen.rows
+        key = (scale, layer)
+        n = gen.tokens[scale]
         dense = rows * n * spec.linear_flops_per_token
         executed = rows * run_tokens * spec.linear_flops_per_token
         if spec.kind == "self_attn":
-            lk_dense = sum(gen.tokens[s] for s in range(tick.scale + 1))
-            lk_exec = self.session._kv_len(tick.layer, tick.scale) + run_tokens
+            lk_dense = sum(gen.tokens[s] for s in range(scale + 1))
+            lk_exec = self.session._kv_len(layer, scale) + run_tokens
             dense += rows * spec.attention_pair_flops * n * lk_dense
             executed += rows * spec.attention_pair_flops * run_tokens * lk_exec
             gen.actions[key] = (action, None if action == "keep" else run_tokens)
-        executed *= self.row_fraction
+        executed *= row_fraction
         acc = gen.flops.setdefault(key, [0.0, 0.0])
         acc[0] += dense
         acc[1] += executed

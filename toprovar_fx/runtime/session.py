@@ -62,6 +62,10 @@ class GenerationState:
     hw: dict[int, tuple[int, int]] = field(default_factory=dict)
     rows: int = 0
     flops: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (scale, layer) -> [dense, executed]
+    # blocks that ran dense outside the dispatcher, accounted when a report asks (``Session.settle_flops``):
+    # (scale, layer, rows, the block's routed spec ids or its SiteInfo)
+    kept_blocks: list[tuple[int, int, int, Any]] = field(default_factory=list)
+    kept_keys: set[tuple[int, int]] = field(default_factory=set)
     actions: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
     kept_idx: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (scale, layer) -> [rows, k] kept positions (device)
     rho: dict[int, float] = field(default_factory=dict)
@@ -145,7 +149,8 @@ class Session:
     def tick(self, tokens: int, rows: int) -> Tick:
         """Advance the scale clock by one self-attention of ``tokens`` query tokens."""
         t = self.clock.tick(tokens)
-        _LAST[:] = [self]
+        if not _LAST or _LAST[0] is not self:
+            _LAST[:] = [self]
         if t.new_generation:
             self._maybe_start_lending()
             self.gen = GenerationState(
@@ -234,29 +239,50 @@ class Session:
         gen = self.gen
         key = (tick.scale, tick.layer)
         if lq == gen.tokens.get(tick.scale):
-            gen.entropy[key] = entropy.detach()
+            ent = entropy.detach() if entropy.requires_grad else entropy
+            gen.entropy[key] = ent
             if dense_variant and self.decider is not None:
-                self.decider.latest_full = gen.entropy[key]  # as the dispatcher's keep path records
-        if observe and key not in gen.flops:
+                self.decider.latest_full = ent  # as the dispatcher's keep path records
+        if observe and key not in gen.kept_keys and key not in gen.flops:
             specs = self.block_specs.get(site_id) if dense_variant and self.decider is not None else None
-            if specs:
-                self.decider.account_kept(specs)
-            else:
-                self._count_flops(site, tick, kept=None)
+            self.defer_kept(tick, tuple(specs) if specs else site)
 
-    def _count_flops(self, site: SiteInfo, tick: Tick, kept: int | None) -> None:
-        """FLOPs of one block: linear layers per token plus attention against the K/V cache."""
+    def defer_kept(self, tick: Tick, what: tuple[int, ...] | SiteInfo) -> None:
+        """A block (its routed spec ids, or the SiteInfo of its self-attention in observe mode) ran
+        dense at ``tick`` outside the dispatcher. Its FLOPs are computed when a report asks
+        (``settle_flops``), not here: at the launch-bound early scales the host time per block call
+        is the latency, and the accounting was the largest part of ours (about 12 us per call on
+        the CPU host). Deferring it changes nothing: it reads only the token counts of this and
+        earlier scales and the actions taken at earlier scales, none of which change later."""
         gen = self.gen
-        n = gen.tokens[tick.scale]
-        run = n if kept is None else kept
-        lk_dense = sum(gen.tokens[s] for s in range(tick.scale + 1) if s in gen.tokens)
-        lk_exec = self._kv_len(tick.layer, tick.scale) + run
+        gen.kept_keys.add((tick.scale, tick.layer))
+        gen.kept_blocks.append((tick.scale, tick.layer, gen.rows, what))
+
+    def settle_flops(self) -> None:
+        """Account the blocks ``defer_kept`` recorded, in the order they ran."""
+        gen = self.gen
+        if gen is None or not gen.kept_blocks:
+            return
+        pending, gen.kept_blocks = gen.kept_blocks, []
+        for scale, layer, rows, what in pending:
+            if isinstance(what, SiteInfo):
+                self._count_flops(what, scale, layer, rows)
+            else:
+                for spec_id in what:
+                    self.decider.account(self.branches[spec_id], scale, layer, rows, "keep", gen.tokens[scale])
+
+    def _count_flops(self, site: SiteInfo, scale: int, layer: int, rows: int) -> None:
+        """FLOPs of one block run on every token: linear layers per token plus attention against
+        the K/V cache."""
+        gen = self.gen
+        n = gen.tokens[scale]
+        lk_dense = sum(gen.tokens[s] for s in range(scale + 1) if s in gen.tokens)
+        lk_exec = self._kv_len(layer, scale) + n
         per_pair = 4.0 * site.heads * site.head_dim
-        rows = gen.rows
         dense = rows * (n * site.linear_flops_per_token + per_pair * n * lk_dense)
-        executed = rows * (run * site.linear_flops_per_token + per_pair * run * lk_exec)
-        gen.flops[(tick.scale, tick.layer)] = [dense, executed]
-        gen.actions.setdefault((tick.scale, tick.layer), ("keep", None) if kept is None else ("prune_tokens", kept))
+        executed = rows * (n * site.linear_flops_per_token + per_pair * n * lk_exec)
+        gen.flops[(scale, layer)] = [dense, executed]
+        gen.actions.setdefault((scale, layer), ("keep", None))
 
     def _kv_len(self, layer: int, scale: int) -> int:
         """K/V tokens this layer holds from scales before ``scale`` (pruned tokens are not kept)."""
@@ -271,6 +297,7 @@ class Session:
 
     # ----- reports ------------------------------------------------------------------------
     def report(self) -> GenerationReport:
+        self.settle_flops()
         gen = self.gen
         rep = GenerationReport(
             mode=self.settings.resolved_mode,
