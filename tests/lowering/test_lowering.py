@@ -803,6 +803,45 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     assert max_rel_diff(got, ref) <= 1e-5
 
 
+def test_lent_entropies_never_keep_the_next_generations_graphs_from_replaying(monkeypatch):
+    """Observe mode lends every graph output, the entropies too, and holds the entropies until the
+    next generation's first tick, which comes after that generation's first graph call. The
+    entropy recorded at a generation's first tick is therefore a copy: held as lent, its graph
+    would run without replay, and with it every graph reading its outputs in place (a whole
+    generation without graphs, three generations in a row)."""
+    import toprovar_fx.backend as backend
+
+    m = model("infinity-tiny")
+    call = sampler_call("infinity-tiny", 1)
+    api = _FakeGraphAPI()
+    made: list[CudaGraphCache] = []
+
+    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False):
+        made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu",
+                                   pool=pool, lend=lend))
+        return made[-1]
+
+    monkeypatch.setattr(backend, "CudaGraphCache", cache)
+    monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"mode": "observe", "inductor": False, "cuda_graph_lend_outputs": True})
+    for _ in range(3):
+        _, got = call(fast)
+    session = last_session()
+    assert session.graph_pool().lending and session.gen.entropy
+    lent = set(session.graph_pool().lent)
+    first = min(session.gen.entropy)
+    assert session.gen.entropy[first].data_ptr() not in lent  # the copy
+    assert any(e.data_ptr() in lent for e in session.gen.entropy.values())  # the others: lent, no clone
+    busy = _busy(made)
+    for _ in range(2):
+        _, got = call(fast)
+    assert _busy(made) == busy == 0, session.graph_pool().busy_by
+    rep = toprovar_fx.last_generation()
+    assert rep.graph_replays > 0 and rep.graph_calls_without_replay == 0
+
+
 def _compiled_var_tiny(**options):
     """The var-tiny sampler call and a fresh toprovar compile of it with its policy and ``options``."""
     m = model("var-tiny")

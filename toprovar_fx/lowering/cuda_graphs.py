@@ -615,9 +615,9 @@ class CudaGraphCache:
         H200: 932 clones per generation were the top host op under ``cProfile`` before the
         caller's own outputs were lent, and the hoisted entropy's clone was still about one per
         block call after). The entropies and kept indices a graph returns after the caller's own
-        outputs are held by the generation's state until the next generation starts, so each such
-        graph replays once per generation with nothing of it held, except the graph of the next
-        generation's first block, which runs before the clock knows a new generation started: it
-        finds its entropy held, runs without replay, and after ``BUSY_LIMIT`` such calls is
-        captured again without lending (one graph of the session)."""
+        outputs are held by the generation's state until the next generation's first tick, so
+        each such graph replays once per generation with nothing of it held. The exception is the
+        graph of a generation's first block, which runs before that tick: the entropy recorded at
+        the tick is a copy (``Session.record_attention``). Held as lent, that graph would run
+        without replay, and with it every graph reading its outputs in place, all generation."""
         return frozenset(i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor))

@@ -240,6 +240,12 @@ class Session:
         key = (tick.scale, tick.layer)
         if lq == gen.tokens.get(tick.scale):
             ent = entropy.detach() if entropy.requires_grad else entropy
+            if tick.new_generation:
+                # A lent CUDA-graph output (``CudaGraphCache._lendable``) held until the next
+                # generation's first tick, which comes after that generation's first graph call:
+                # held, its graph would run without replay, and so would every graph reading
+                # its outputs in place after it (their addresses differ), for the whole generation.
+                ent = ent.clone()
             gen.entropy[key] = ent
             if dense_variant and self.decider is not None:
                 self.decider.latest_full = ent  # as the dispatcher's keep path records
