@@ -49,8 +49,7 @@ def _rows(stats: pstats.Stats, key: int, n: int) -> list[tuple[str, int, float, 
     """Top ``n`` functions by own time (``key`` 2) or cumulative time (``key`` 3)."""
     entries = []
     for (path, line, name), (_cc, ncalls, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        short = "/".join(Path(path).parts[-3:]) if path != "~" else "builtin"
-        entries.append((f"`{short}:{line} {name}`", ncalls, tt, ct))
+        entries.append((_short(path, line, name), ncalls, tt, ct))
     entries.sort(key=lambda e: -e[key])
     return entries[:n]
 
@@ -65,6 +64,29 @@ def _entry_rows(stats: pstats.Stats) -> list[tuple[str, int, float, float]]:
                 acc[1] += tt
                 acc[2] += ct
     return [(f"`{s} {f}`", int(v[0]), v[1], v[2]) for (s, f), v in out.items()]
+
+
+def _short(path: str, line: int, name: str) -> str:
+    short = "/".join(Path(path).parts[-3:]) if path != "~" else "builtin"
+    return f"`{short}:{line} {name}`"
+
+
+# torch's own wrappers: called several times per block call on the H200, from places the tables don't name
+WRAPPERS = ("torch/_compile.py", "torch/_dynamo/eval_frame.py")
+
+
+def _caller_rows(stats: pstats.Stats, files: Sequence[str], n_wrappers: int, n_callers: int) -> list[str]:
+    """Who calls the ``n_wrappers`` most-called functions defined in ``files`` (path suffixes), their
+    ``n_callers`` top callers each: at batch 1 each call is host time per block, and the summary
+    tables do not say whose it is."""
+    wrappers = [(k, v) for k, v in stats.stats.items() if k[0].endswith(tuple(files))]  # type: ignore[attr-defined]
+    wrappers.sort(key=lambda kv: -kv[1][1])
+    lines = ["| function | calls | caller | calls from it | cumulative ms from it |", "|---|---|---|---|---|"]
+    for key, (_cc, ncalls, _tt, _ct, callers) in wrappers[:n_wrappers]:
+        ranked = sorted(callers.items(), key=lambda kv: -kv[1][1])[:n_callers]
+        for ckey, (_ccc, cn, _ctt, cct) in ranked:
+            lines.append(f"| {_short(*key)} | {ncalls} | {_short(*ckey)} | {cn} | {1e3 * cct:.1f} |")
+    return lines
 
 
 def _table(rows: list[tuple[str, int, float, float]]) -> list[str]:
@@ -110,6 +132,8 @@ def profile_variant(model: torch.nn.Module, key: str, args: argparse.Namespace) 
     lines += _table(_rows(stats, 2, args.top))
     lines += ["", f"### Top {args.top} functions by cumulative time", ""]
     lines += _table(_rows(stats, 3, args.top))
+    lines += ["", "### Callers of torch's most-called wrappers", ""]
+    lines += _caller_rows(stats, WRAPPERS, 3, 6)
     lines.append("")
     torch._dynamo.reset()
     return lines

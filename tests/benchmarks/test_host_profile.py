@@ -42,3 +42,22 @@ def test_arguments_default_to_the_h200_model() -> None:
     hp = load_benchmark("host_profile")
     args = hp.parse_args(["--out", "x"])
     assert (args.model, args.device, args.variants) == ("infinity-2b", "cuda", "toprovar")
+
+
+def _two_callers() -> int:
+    return _caller(7) + _leaf(10)
+
+
+def test_caller_rows_name_who_calls_the_most_called_functions_of_the_given_files() -> None:
+    hp = load_benchmark("host_profile")
+    prof = cProfile.Profile()
+    prof.enable()
+    _two_callers()
+    prof.disable()
+    rows = hp._caller_rows(pstats.Stats(prof), ["tests/benchmarks/test_host_profile.py"], 2, 6)
+    assert rows[0].startswith("| function | calls | caller")
+    leaf = [r.split("|") for r in rows[2:] if "_leaf" in r.split("|")[1]]
+    # _leaf: 8 calls, 7 from the generator in _caller, then 1 from _two_callers (callers ranked by calls)
+    assert [(c[2].strip(), c[4].strip()) for c in leaf] == [("8", "7"), ("8", "1")]
+    assert "<genexpr>" in leaf[0][3] and "_two_callers" in leaf[1][3]
+    assert not any("_caller " in r.split("|")[1] for r in rows[2:])  # called once: not among the top two

@@ -193,6 +193,7 @@ class _Captured:
                            for i, o in enumerate(self._flat))
         # lent output position -> its storage (held here, so the references counted include this one)
         self._storages = {i: self._flat[i].untyped_storage() for i in lent}
+        self._cdata = {i: st._cdata for i, st in self._storages.items()}  # valid while _storages holds them
         # lent output position -> the references to its storage while nobody outside holds it
         self.watch = {i: _storage_use_count(st) for i, st in self._storages.items()}
         self.busy = 0  # calls that ran without the graph because a lent output was still held
@@ -208,9 +209,15 @@ class _Captured:
                 self.watch[i] += max(extra, 0)
 
     def _blocked(self, args: Sequence[Any]) -> bool:
-        storages = self._storages
-        return (any(_storage_use_count(storages[i]) != base for i, base in self.watch.items())
-                or any(args[i].data_ptr() != ptr for i, ptr in self.borrowed.items()))
+        # plain loops over C calls: this runs before every replay of a launch-bound scale
+        use_count, cdata = torch._C._storage_Use_Count, self._cdata
+        for i, base in self.watch.items():
+            if use_count(cdata[i]) != base:
+                return True
+        for i, ptr in self.borrowed.items():  # noqa: SIM110 - any() over a generator costs more here
+            if args[i].data_ptr() != ptr:
+                return True
+        return False
 
     def run(self, args: Sequence[Any]) -> Any:
         if (self.watch or self.borrowed) and self._blocked(args):  # only with lent outputs or borrowed inputs
