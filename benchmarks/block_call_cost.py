@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import build_model, sampler_call, sync  # noqa: E402
 
-from toprovar_fx.tools.bench import environment  # noqa: E402
+from toprovar_fx.tools.bench import environment, write_markdown  # noqa: E402
 
 SYNC_EVERY = 16
 WARMUP = 20
@@ -202,11 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--scale is 1-based (>= 1) and --calls at least 10")
     rows, facts = measure(args.model, args.device, args.scale - 1, args.calls)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    text = markdown(rows, facts, args, environment(torch.device(args.device), dtype))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "block_call_cost.md").write_text(text)
-    print(text)
+    write_markdown(args.out, "block_call_cost.md", markdown(rows, facts, args, environment(torch.device(args.device), dtype)))
     return 0
 
 

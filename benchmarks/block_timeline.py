@@ -34,7 +34,7 @@ from e2e import build_model, model_variants, sampler_call, sync  # noqa: E402
 
 from toprovar_fx.lowering import runners  # noqa: E402
 from toprovar_fx.runtime.session import last_session  # noqa: E402
-from toprovar_fx.tools.bench import environment  # noqa: E402
+from toprovar_fx.tools.bench import environment, write_markdown  # noqa: E402
 
 Call = tuple[int, int, int]  # (scale, enter ns, exit ns)
 
@@ -142,11 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     table = run(args.model, args.device, args.warmup, args.gens)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    text = markdown(table, args, environment(torch.device(args.device), dtype))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "block_timeline.md").write_text(text)
-    print(text)
+    write_markdown(args.out, "block_timeline.md", markdown(table, args, environment(torch.device(args.device), dtype)))
     return 0
 
 

@@ -728,28 +728,10 @@ def _replayable(fn):
     return wrapped
 
 
-def _busy(caches: list[CudaGraphCache]) -> int:
-    return sum(e.busy for c in caches for e in c.graphs.values() if e is not None)
-
-
-@pytest.mark.parametrize("name,preset,lend", [("var-tiny", None, False), ("infinity-tiny", None, False),
-                                              ("var-tiny", "fast", False), ("var-tiny-fastvar-released", None, False),
-                                              ("infinity-tiny", None, True), ("var-tiny-fastvar-released", None, True),
-                                              ("infinity-tiny", None, "private")])
-def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name, preset, lend):
-    """Every graph the backend would capture on a GPU (dense variants, planned blocks) is
-    "captured" by the stand-in API and replayed: logits and decisions stay those of the plain path."""
+def _stand_in_graphs(monkeypatch) -> tuple[_FakeGraphAPI, list[CudaGraphCache]]:
+    """Make the backend capture every graph it would capture on a GPU with the stand-in API; the
+    API and the list of every ``CudaGraphCache`` made from now on."""
     import toprovar_fx.backend as backend
-
-    m = model(name.removesuffix("-fastvar-released"))
-    call = sampler_call(name.removesuffix("-fastvar-released"), 1)
-    torch._dynamo.reset()
-    extra = {"preset": preset} if preset else {}
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"policy": name, "planned_blocks": False} | extra)  # the dispatcher path
-    call(fast)
-    _, ref = call(fast)
-    ref_rep = toprovar_fx.last_generation()
 
     api = _FakeGraphAPI()
     made: list[CudaGraphCache] = []
@@ -761,6 +743,32 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)
     monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    return api, made
+
+
+def _busy(caches: list[CudaGraphCache]) -> int:
+    return sum(e.busy for c in caches for e in c.graphs.values() if e is not None)
+
+
+@pytest.mark.parametrize("name,preset,lend", [("var-tiny", None, False), ("infinity-tiny", None, False),
+                                              ("var-tiny", "fast", False), ("var-tiny-fastvar-released", None, False),
+                                              ("infinity-tiny", None, True), ("var-tiny-fastvar-released", None, True),
+                                              ("infinity-tiny", None, "private")])
+def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, name, preset, lend):
+    """Every graph the backend would capture on a GPU (dense variants, planned blocks) is
+    "captured" by the stand-in API and replayed: logits and decisions stay those of the plain path."""
+
+    m = model(name.removesuffix("-fastvar-released"))
+    call = sampler_call(name.removesuffix("-fastvar-released"), 1)
+    torch._dynamo.reset()
+    extra = {"preset": preset} if preset else {}
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": name, "planned_blocks": False} | extra)  # the dispatcher path
+    call(fast)
+    _, ref = call(fast)
+    ref_rep = toprovar_fx.last_generation()
+
+    api, made = _stand_in_graphs(monkeypatch)
     if lend == "private":  # the tiny model's larger graphs lend in place from pools of their own
         monkeypatch.setattr(cuda_graphs, "PRIVATE_LEND_MIN_BYTES", 4096)
         lend = True
@@ -809,20 +817,10 @@ def test_lent_entropies_never_keep_the_next_generations_graphs_from_replaying(mo
     entropy recorded at a generation's first tick is therefore a copy: held as lent, its graph
     would run without replay, and with it every graph reading its outputs in place (a whole
     generation without graphs, three generations in a row)."""
-    import toprovar_fx.backend as backend
 
     m = model("infinity-tiny")
     call = sampler_call("infinity-tiny", 1)
-    api = _FakeGraphAPI()
-    made: list[CudaGraphCache] = []
-
-    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False):
-        made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu",
-                                   pool=pool, lend=lend))
-        return made[-1]
-
-    monkeypatch.setattr(backend, "CudaGraphCache", cache)
-    monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    api, made = _stand_in_graphs(monkeypatch)
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
                          options={"mode": "observe", "inductor": False, "cuda_graph_lend_outputs": True})

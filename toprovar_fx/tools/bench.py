@@ -96,6 +96,16 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def write_markdown(folder: str | Path, name: str, text: str) -> Path:
+    """Write a benchmark's Markdown ``text`` to ``folder/name`` (folder created) and print it."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(text)
+    print(text)
+    return path
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """What the numbers were measured on."""
     env: dict[str, Any] = {
