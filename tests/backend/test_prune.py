@@ -113,6 +113,31 @@ def test_flop_ratio_agrees_with_an_independent_count():
     assert rep.flops_executed == pytest.approx(count(executed), rel=1e-9)
 
 
+@pytest.mark.parametrize("name", ["var-tiny", "infinity-tiny"])
+def test_blocks_run_dense_are_accounted_as_the_dispatcher_accounts_them(name):
+    """The dense variant's blocks are accounted when the report asks (``Session.defer_kept``):
+    per scale and layer the same FLOPs and actions as the dispatcher running every block."""
+    m = model(name)
+    call = sampler_call(name, 1)
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": f"{name}-keepall"})
+    call(fast)
+    call(fast)
+    session = last_session()
+    assert session.gen.kept_blocks and not session.gen.flops  # deferred until a report asks
+    deferred = toprovar_fx.last_generation()
+    assert not session.gen.kept_blocks and session.gen.flops
+    session.decider.override = {}  # every block through the dispatcher, every branch kept
+    call(fast)
+    dispatched = toprovar_fx.last_generation()
+
+    def per_layer(rep):
+        return [(s.index, s.flops_dense, s.flops_executed, [(lay.index, lay.action) for lay in s.layers])
+                for s in rep.scales]
+
+    assert per_layer(deferred) == per_layer(dispatched)
+    assert deferred.flops_dense > 0 and deferred.flops_dense == dispatched.flops_dense
+
+
 def test_entropy_decisions_are_per_image_and_shared_by_cfg_halves():
     """Batch 2 with CFG: rows are [cond0, cond1, uncond0, uncond1]; each image keeps its own
     tokens, its cond and uncond rows the same ones, every row the same count."""
