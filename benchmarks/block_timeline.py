@@ -11,13 +11,22 @@ took (ours and the replay), the gap before it since the previous block call of t
 last block call and the next scale's first (head, sampling, next input). Host clocks only
 (``perf_counter_ns``); medians over ``--gens`` generations after ``--warmup``.
 
+``--stand-in-graphs`` (CPU): the backend "captures" its CUDA graphs with a stand-in API whose
+replay does nothing (the outputs keep the values of the capture) and runs its graphs as FX, so
+``inside`` is our runner's host time alone (prediction, graph cache, lending checks, entropy
+record) on the machine at hand: the part of a dense block call we own, measurable without a GPU.
+The images are meaningless in that mode.
+
     PYTHONPATH=. python3 benchmarks/block_timeline.py --out out/timeline                       # H200
     PYTHONPATH=. python3 benchmarks/block_timeline.py --device cpu --model infinity-tiny --out /tmp/t
+    PYTHONPATH=. python3 benchmarks/block_timeline.py --device cpu --model infinity-tiny --stand-in-graphs --out /tmp/t
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import statistics
 import sys
@@ -32,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import build_model, model_variants, sampler_call, sync  # noqa: E402
 
+from toprovar_fx import backend  # noqa: E402
 from toprovar_fx.lowering import runners  # noqa: E402
 from toprovar_fx.runtime.session import last_session  # noqa: E402
 from toprovar_fx.tools.bench import environment, write_markdown  # noqa: E402
@@ -65,6 +75,50 @@ class Recorder:
         runners.ScaleSwitchRunner.__call__ = self._orig
 
 
+class NoReplayGraphs:
+    """A stand-in for ``torch.cuda``'s graph API: capture runs the function once, replay does nothing."""
+
+    class CUDAGraph:
+        def replay(self) -> None:
+            pass
+
+    class Stream:
+        def wait_stream(self, _other: Any) -> None:
+            pass
+
+    def current_stream(self) -> Stream:
+        return self.Stream()
+
+    def stream(self, _s: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def graph(self, _g: Any, pool: Any = None) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def graph_pool_handle(self) -> tuple[str]:
+        return ("stand-in pool",)
+
+    def is_current_stream_capturing(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def stand_in_graphs() -> Any:
+    """While active, the backend captures with ``NoReplayGraphs`` on CPU tensors (graphs compiled
+    meanwhile keep it)."""
+    made, on_cuda = backend.CudaGraphCache, backend._on_cuda
+    api = NoReplayGraphs()
+
+    def cache(*args: Any, **kwargs: Any) -> Any:
+        return made(*args, api=api, device_type="cpu", **kwargs)
+
+    backend.CudaGraphCache, backend._on_cuda = cache, (lambda _example_inputs: True)
+    try:
+        yield
+    finally:
+        backend.CudaGraphCache, backend._on_cuda = made, on_cuda
+
+
 def per_scale(calls: list[Call]) -> dict[int, dict[str, float]]:
     """One generation's calls -> per scale: calls, median inside / gap us, the scale's span and the
     host time from its last call to the next scale's first (ms)."""
@@ -85,14 +139,22 @@ def per_scale(calls: list[Call]) -> dict[int, dict[str, float]]:
     return out
 
 
-def run(model_name: str, device: str, warmup: int, gens: int) -> dict[int, dict[str, float]]:
+def run(model_name: str, device: str, warmup: int, gens: int, stand_in: bool = False) -> dict[int, dict[str, float]]:
+    if stand_in and device != "cpu":
+        raise ValueError("--stand-in-graphs is for --device cpu (on CUDA the backend captures real graphs)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, _ = build_model(model_name, device, dtype)
     variant = next(v for v in model_variants(model_name) if v.key == "toprovar")
+    if stand_in:
+        # FX graphs: no C++ compiles on the CPU
+        variant = dataclasses.replace(variant, options={**variant.options, "inductor": False})
     fn = variant.build(model)
     call = sampler_call(model, 1, device)
     results: list[dict[int, dict[str, float]]] = []
-    with Recorder() as rec:
+    with contextlib.ExitStack() as stack:
+        rec = stack.enter_context(Recorder())
+        if stand_in:
+            stack.enter_context(stand_in_graphs())
         for _ in range(warmup):
             call(fn)
         for _ in range(gens):
@@ -135,12 +197,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gens", type=int, default=5)
+    ap.add_argument("--stand-in-graphs", action="store_true",
+                    help="CPU: capture with a graph API whose replay does nothing (our runner's host time alone)")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    table = run(args.model, args.device, args.warmup, args.gens)
+    table = run(args.model, args.device, args.warmup, args.gens, args.stand_in_graphs)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     write_markdown(args.out, "block_timeline.md", markdown(table, args, environment(torch.device(args.device), dtype)))
     return 0

@@ -28,3 +28,20 @@ def test_a_cpu_run_records_every_block_call_of_the_dense_scales(tmp_path) -> Non
     assert len(rows) >= 5
     assert all(int(r[2]) == 4 for r in rows)  # infinity-tiny has 4 blocks: one runner call each
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+
+
+def test_stand_in_graphs_time_our_runner_over_replays_that_do_nothing() -> None:
+    import pytest
+
+    from toprovar_fx import backend
+    from toprovar_fx.runtime.session import last_session
+
+    bt = load_benchmark("block_timeline")
+    made = backend.CudaGraphCache
+    table = bt.run("infinity-tiny", "cpu", 2, 1, stand_in=True)
+    pool = last_session().graph_pool()
+    assert pool is not None and pool.replays > 0  # the block graphs were "captured" and replayed
+    assert all(r["calls"] == 4 and r["inside_us"] > 0 for r in table.values())
+    assert backend.CudaGraphCache is made  # the stand-in is gone once the run is over
+    with pytest.raises(ValueError, match="--device cpu"):
+        bt.run("infinity-tiny", "cuda", 1, 1, stand_in=True)
