@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import build_model, sampler_call, sync  # noqa: E402
 
-from toprovar_fx.tools.bench import environment, write_markdown  # noqa: E402
+from toprovar_fx.tools.bench import environment, model_bench_parser, write_markdown  # noqa: E402
 
 SYNC_EVERY = 16
 WARMUP = 20
@@ -187,10 +187,7 @@ def markdown(rows: list[dict[str, Any]], facts: dict[str, Any], args: argparse.N
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="folder for block_call_cost.md")
-    ap.add_argument("--model", default="infinity-2b")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap = model_bench_parser(__doc__, "block_call_cost.md")
     ap.add_argument("--scale", type=int, default=3, help="1-based scale whose block arguments are used")
     ap.add_argument("--calls", type=int, default=2000)
     return ap.parse_args(argv)

@@ -44,7 +44,7 @@ from e2e import build_model, model_variants, sampler_call, sync  # noqa: E402
 from toprovar_fx import backend  # noqa: E402
 from toprovar_fx.lowering import runners  # noqa: E402
 from toprovar_fx.runtime.session import last_session  # noqa: E402
-from toprovar_fx.tools.bench import environment, write_markdown  # noqa: E402
+from toprovar_fx.tools.bench import environment, model_bench_parser, write_markdown  # noqa: E402
 
 Call = tuple[int, int, int]  # (scale, enter ns, exit ns)
 
@@ -191,10 +191,7 @@ def markdown(table: dict[int, dict[str, float]], args: argparse.Namespace, env: 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="folder for block_timeline.md")
-    ap.add_argument("--model", default="infinity-2b")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap = model_bench_parser(__doc__, "block_timeline.md")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gens", type=int, default=5)
     ap.add_argument("--stand-in-graphs", action="store_true",

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import build_model, model_variants, sampler_call, sync  # noqa: E402
 
-from toprovar_fx.tools.bench import environment  # noqa: E402
+from toprovar_fx.tools.bench import environment, model_bench_parser  # noqa: E402
 
 # functions whose cumulative time says which layer the host time is in
 ENTRY_POINTS = (
@@ -140,10 +140,7 @@ def profile_variant(model: torch.nn.Module, key: str, args: argparse.Namespace) 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="folder for host_profile.md")
-    ap.add_argument("--model", default="infinity-2b")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap = model_bench_parser(__doc__, "host_profile.md")
     ap.add_argument("--variants", default="toprovar", help="comma-separated e2e.py variant keys")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gens", type=int, default=5)

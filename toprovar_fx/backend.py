@@ -130,20 +130,22 @@ def _runner(session: Session, fn: Callable, ctx: PassContext, dense_variant: boo
     return GraphRunner(session, fn, ctx.hoisted, ctx.n_outputs, ctx.outputs_sequence, dense_variant=dense_variant)
 
 
-def _map_block_specs(session: Session, spec_ids: list[int]) -> list[int]:
-    """Give each self-attention site the routed specs of its block (``Session.block_specs``).
+def _map_block_specs(session: Session, spec_ids: list[int]) -> tuple[int, ...]:
+    """Give each self-attention site the routed specs of its block (``Session.block_specs``, tuples:
+    the run time records them per block call as they are).
 
     Returns the specs before the graph's first self-attention: they belong to the block running
     when the graph is called (a block split over graphs), which accounts them itself.
     """
-    leading: list[int] = []
-    block = leading
+    blocks: list[tuple[int | None, list[int]]] = [(None, [])]
     for spec_id in spec_ids:
         spec = session.branches[spec_id]
         if spec.kind == "self_attn" and spec.site_ids:
-            block = session.block_specs[spec.site_ids[0]] = []
-        block.append(spec_id)
-    return leading
+            blocks.append((spec.site_ids[0], []))
+        blocks[-1][1].append(spec_id)
+    for site_id, specs in blocks[1:]:
+        session.block_specs[site_id] = tuple(specs)
+    return tuple(blocks[0][1])
 
 
 def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Session, graph_id: int) -> Callable:

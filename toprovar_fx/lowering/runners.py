@@ -59,14 +59,14 @@ class ScaleSwitchRunner:
     """
 
     def __init__(self, session: Any, dense: GraphRunner, pruned: GraphRunner, self_sites: int,
-                 leading_specs: list[int], planned: PlannedBlockRunner | None = None):
+                 leading_specs: tuple[int, ...], planned: PlannedBlockRunner | None = None):
         self.session = session
         self.dense = dense
         self.pruned = pruned
         self.self_sites = self_sites
         # routed branches before the graph's first self-attention: they belong to the block that
         # is running when the graph is called (a block split over graphs)
-        self.leading_specs = tuple(leading_specs)
+        self.leading_specs = leading_specs
         self.mixed = bool(leading_specs) and self_sites > 0  # ends one block and starts the next
         self.planned = planned
 

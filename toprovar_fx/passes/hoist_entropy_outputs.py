@@ -37,7 +37,7 @@ def append_outputs(gm: fx.GraphModule, entropies: list[fx.Node]) -> tuple[int, b
 def hoist_entropy_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pass entry point: hoist every entropy node not consumed inside the graph already, except
     those of sites known to be cross-attention: the runtime records self-attention entropy only,
-    and each hoisted output costs a clone and a record call per graph call (host time at the
+    and each hoisted output costs a graph output and a record call per graph call (host time at the
     launch-bound early scales)."""
     pending = [(site, ent, ctx.site_ids[ent]) for site, ent in ctx.rewritten
                if ent in ctx.site_ids and ent.graph is gm.graph and site.kind != "cross"]

@@ -104,7 +104,7 @@ class Session:
         # self-attention site -> the routed branch specs of its block (the self-attention branch
         # and those after it up to the next one): what the dense variant of a routed graph
         # accounts when it runs the block, exactly as the dispatcher would for kept branches
-        self.block_specs: dict[int, list[int]] = {}
+        self.block_specs: dict[int, tuple[int, ...]] = {}
         self.planned_calls = 0  # blocks run from a plan (lowering.runners.PlannedBlockRunner)
         self._graph_pool: Any = None
         _SESSIONS[self.id] = self
@@ -251,7 +251,7 @@ class Session:
                 self.decider.latest_full = ent  # as the dispatcher's keep path records
         if observe and key not in gen.kept_keys and key not in gen.flops:
             specs = self.block_specs.get(site_id) if dense_variant and self.decider is not None else None
-            self.defer_kept(tick, tuple(specs) if specs else site)
+            self.defer_kept(tick, specs or site)
 
     def defer_kept(self, tick: Tick, what: tuple[int, ...] | SiteInfo) -> None:
         """A block (its routed spec ids, or the SiteInfo of its self-attention in observe mode) ran

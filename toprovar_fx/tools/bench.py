@@ -29,6 +29,7 @@ Protocol (every number in the output says what it is):
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import math
 import platform
@@ -94,6 +95,16 @@ def _version(pkg: str) -> str | None:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def model_bench_parser(doc: str, out_file: str) -> argparse.ArgumentParser:
+    """The arguments every one-model GPU benchmark script takes: ``--out`` (folder of ``out_file``),
+    ``--model`` (a zoo name, Infinity-2B by default), ``--device``; ``doc``'s first paragraph describes it."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help=f"folder for {out_file}")
+    ap.add_argument("--model", default="infinity-2b")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    return ap
 
 
 def write_markdown(folder: str | Path, name: str, text: str) -> Path:
