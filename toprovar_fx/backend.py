@@ -100,6 +100,12 @@ def _on_cuda(example_inputs: list[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
+def _dynamo_guarded(example_inputs: list[Any]) -> list[bool]:
+    """Per input of a Dynamo graph: a tensor, whose sizes and strides Dynamo's guards and the graph's
+    integer inputs fix (``CudaGraphCache``'s ``guarded``)."""
+    return [isinstance(e, torch.Tensor) for e in example_inputs]
+
+
 def _wants_cuda_graphs(settings: Settings, example_inputs: list[Any]) -> bool:
     return (settings.cuda_graphs if settings.cuda_graphs is not None else True) and _on_cuda(example_inputs)
 
@@ -122,7 +128,8 @@ def _lower_whole(work: fx.GraphModule, ctx: PassContext) -> Callable:
     if _wants_cuda_graphs(settings, example_inputs) and not mutates_inputs(work.graph):
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
         fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}",
-                            pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs)
+                            pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs,
+                            guarded=_dynamo_guarded(example_inputs))
     return fn
 
 
@@ -185,6 +192,7 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunne
     static = [is_static_input(n) for n in placeholders]
     max_bytes = int(8 * settings.cuda_graph_max_mib * 2**20)  # K/V copies of large scales included
     use_graphs = _wants_cuda_graphs(settings, ctx.example_inputs)
+    guarded = _dynamo_guarded(ctx.example_inputs)
 
     def wrap(fn: Callable, n_extra: int) -> Callable:
         """``fn`` replayed per input shapes; ``n_extra`` per-call inputs follow the graph's (kept
@@ -192,7 +200,8 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunne
         if not use_graphs:
             return fn
         return CudaGraphCache(fn, static + [False] * n_extra, max_bytes, name=f"planned block of graph {graph_id}",
-                              pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs)
+                              pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs,
+                              guarded=guarded + [False] * n_extra)  # ours, not Dynamo's: keyed by layout
 
     return PlannedBlockRunner(session, work.forward, list(ctx.spec_ids), placeholders.index(first.x),
                               ctx.n_outputs, ctx.outputs_sequence, wrap)

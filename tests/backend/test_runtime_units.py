@@ -24,6 +24,21 @@ def test_clock_counts_generations_scales_layers_and_matches_schedules():
     assert guess_hw(12) == (3, 4) and guess_hw(16) == (4, 4)
 
 
+def test_session_ticks_as_its_clock_does_on_the_same_scale_fast_path():
+    """``Session.tick`` advances layers of the running scale itself (the hot path); the ticks are
+    the clock's own, equal-sized consecutive scales, new generations and a mismatch included."""
+    counts = [1, 1, 1, 4, 4, 4, 4, 4, 4, 9, 9, 9] * 2 + [1, 1, 1, 5, 5, 5]
+    session = Session(parse_options({"mode": "observe", "schedules": {"a": [[1, 1], [2, 2], [2, 2], [3, 3]]}}),
+                      None)
+    clock = ScaleClock({"a": [[1, 1], [2, 2], [2, 2], [3, 3]]})
+    got = [session.tick(n, 2) for n in counts]
+    want = [clock.tick(n) for n in counts]
+    assert got == want
+    assert session.clock.depth == clock.depth == 3 and session.clock.mismatch == clock.mismatch is not None
+    assert [t.scale for t in got[3:9]] == [1, 1, 1, 2, 2, 2]  # two scales of 4 tokens, told apart by depth
+    assert session.gen.index == 2 and session.gen.tokens == {0: 1, 1: 5}
+
+
 def test_unknown_attention_kind_is_decided_by_key_length():
     session = Session(parse_options({"mode": "observe"}), None)
     site = session.add_site(pattern="sdpa", kind="unknown", heads=2, head_dim=8, graph_id=0)

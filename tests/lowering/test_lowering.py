@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 import warnings
 
 import pytest
@@ -49,6 +50,45 @@ def test_cuda_graph_key_tells_blocks_and_shapes_apart():
     assert cache._key((w1, x, 5)) != cache._key((w1, torch.ones(3, 4), 5))  # another scale
     assert cache._key((w1, x, 5)) != cache._key((w1, x.t(), 5))  # other strides
     assert cache._key((w1, x, 5)) != cache._key((w1, x, 6))  # another token count
+
+
+def test_guarded_tensor_inputs_leave_the_key_and_dynamo_fixes_their_layout():
+    """``guarded`` inputs (a Dynamo graph's tensors) are keyed by the plain arguments only. The
+    premise, checked on the installed torch: calls that reach one Dynamo graph with the same
+    integer arguments have tensor inputs of the same sizes and strides (another stride recompiles,
+    symbolic sizes and strides are integer arguments)."""
+    cache = CudaGraphCache(lambda *a: None, static=[True, False, False], max_bytes=1 << 20,
+                           guarded=[True, True, False])
+    w, x = torch.ones(3), torch.ones(2, 4)
+    assert cache._key((w, x, 5)) == cache._key((w, torch.ones(4, 4).t(), 5))
+    assert cache._key((w, x, 5)) != cache._key((w, x, 6)) and cache._key((w, x, 5)) != cache._key((x, x, 5))
+    with pytest.raises(ValueError, match="guarded"):
+        CudaGraphCache(lambda *a: None, static=[True, False], max_bytes=1, guarded=[True])
+
+    layouts: dict[tuple[int, tuple[int, ...]], set[tuple[Any, ...]]] = {}  # (graph, ints) -> layouts seen
+    _graphs: list[Any] = []
+
+    def backend(gm, example_inputs):
+        graph = len(_graphs)
+        _graphs.append(gm)
+
+        def run(*args):
+            ints = tuple(a for a in args if not isinstance(a, torch.Tensor))
+            layouts.setdefault((graph, ints), set()).add(
+                tuple((tuple(a.shape), a.stride()) for a in args if isinstance(a, torch.Tensor)))
+            return gm.forward(*args)
+
+        return run
+
+    base = torch.randn(8, 24)
+    inputs = [torch.ones(4, 6), torch.ones(5, 6), torch.ones(6, 5).t(), base[:5, ::2], base[1:6, :12],
+              base[:, :6], torch.ones(7, 6), base.t()[:6, :5].t(), torch.ones(1, 6)]
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        f = torch.compile(lambda t, b: t * 2 + b.sum(), backend=backend, dynamic=dynamic)
+        for t in inputs:
+            assert torch.allclose(f(t, torch.ones(3)), t * 2 + 3)
+    assert len(_graphs) > 2 and all(len(seen) == 1 for seen in layouts.values()), layouts
 
 
 def test_dense_variant_runs_until_the_policy_can_act(monkeypatch):
@@ -736,9 +776,9 @@ def _stand_in_graphs(monkeypatch) -> tuple[_FakeGraphAPI, list[CudaGraphCache]]:
     api = _FakeGraphAPI()
     made: list[CudaGraphCache] = []
 
-    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False):
+    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False, guarded=None):
         made.append(CudaGraphCache(_replayable(fn), static, max_bytes, name=name, api=api, device_type="cpu",
-                                   pool=pool, lend=lend))
+                                   pool=pool, lend=lend, guarded=guarded))
         return made[-1]
 
     monkeypatch.setattr(backend, "CudaGraphCache", cache)

@@ -44,7 +44,7 @@ class GraphRunner:
         i = n
         for sid, with_len in self.hoisted:
             key_len = int(outs[i + 1]) if with_len else None
-            record(sid, outs[i], key_len=key_len, dense_variant=self.dense_variant)
+            record(sid, outs[i], None, key_len, self.dense_variant)
             i += 2 if with_len else 1
         return _own_outputs(outs, n, self.sequence)
 

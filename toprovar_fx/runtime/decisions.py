@@ -89,6 +89,7 @@ class Decider:
         self.gen = gen
         self.resolved = None
         self._first_active = None
+        self.session.dense_until = -1
         self.cur = None
         self.cache.clear()
         self.cached_hw = None
@@ -271,7 +272,7 @@ class Decider:
         if pol.restore.mode == "cached_scale" and res.cached_scale is not None:
             firsts.append(res.cached_scale)
         first = max(1, min(firsts))
-        self._first_active = first
+        self._first_active = self.session.dense_until = first
         return first
 
     def observed_fingerprint(self, num_scales: int) -> dict[str, Any]:

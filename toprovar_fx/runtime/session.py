@@ -106,6 +106,10 @@ class Session:
         # accounts when it runs the block, exactly as the dispatcher would for kept branches
         self.block_specs: dict[int, tuple[int, ...]] = {}
         self.planned_calls = 0  # blocks run from a plan (lowering.runners.PlannedBlockRunner)
+        # the running generation's first active scale once the decider knows it, else -1: a
+        # graph call holding at most one self-attention whose clock is two or more scales before
+        # it keeps every branch (``dense_ahead``), asked before every block call in prune mode
+        self.dense_until = -1
         self._graph_pool: Any = None
         _SESSIONS[self.id] = self
 
@@ -148,7 +152,16 @@ class Session:
     # ----- run time -----------------------------------------------------------------------
     def tick(self, tokens: int, rows: int) -> Tick:
         """Advance the scale clock by one self-attention of ``tokens`` query tokens."""
-        t = self.clock.tick(tokens)
+        clock = self.clock
+        if tokens == clock.tokens and clock.layer + 1 < (clock.depth or 0) and _LAST[0] is self:
+            # the next layer of the running scale: most ticks, one per block call at the
+            # launch-bound scales; exactly ``ScaleClock.tick``'s and ``Decider.on_tick``'s same-scale case
+            clock.layer += 1
+            t = Tick(clock.generation, clock.scale, clock.layer, tokens, False, False)
+            if self.decider is not None:
+                self.decider.tick = t
+            return t
+        t = clock.tick(tokens)
         if not _LAST or _LAST[0] is not self:
             _LAST[:] = [self]
         if t.new_generation:
@@ -195,6 +208,8 @@ class Session:
     def dense_ahead(self, self_sites: int = 1, mixed: bool = False) -> bool:
         """Whether the next call of a graph holding ``self_sites`` self-attentions surely keeps
         every branch (prune mode; ``Decider.keeps_all_next``). Unknown is False."""
+        if self_sites <= 1 and self.clock.scale + 1 < self.dense_until:
+            return True  # before the first active scale (``Decider.first_active_scale``, remembered here)
         decider = self.decider
         if decider is None:
             return True
