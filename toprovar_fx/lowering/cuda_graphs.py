@@ -219,8 +219,9 @@ class _Captured:
         self._checks()
 
     def _checks(self) -> None:
-        """``watch`` and ``borrowed`` as the flat pairs ``_blocked`` loops over."""
-        self._watch_pairs = tuple((self._cdata[i], base) for i, base in self.watch.items())
+        """``watch`` and ``borrowed`` as the flat pairs ``_blocked`` loops over; outputs that share a
+        storage (K and V split from one projection) share their count, so it is checked once."""
+        self._watch_pairs = tuple({self._cdata[i]: base for i, base in self.watch.items()}.items())
         self._borrowed_pairs = tuple(self.borrowed.items())
         self._checked = bool(self._watch_pairs or self._borrowed_pairs)
 
