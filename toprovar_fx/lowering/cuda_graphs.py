@@ -288,16 +288,16 @@ def _copying_into(fn: Callable, homes: dict[int, torch.Tensor]) -> Callable:
     if not homes:
         return fn
 
-    positions, targets = list(homes), list(homes.values())
-
     def fn_into_homes(*args: Any) -> Any:
         outs = fn(*args)
         flat = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-        # one multi-tensor copy kernel per dtype, not one per output: at the launch-bound scales a
-        # block's outputs are a few KiB each and every copy kernel costs its launch latency of GPU
-        # time (the dense scales' copies: 676 kernels in the first five scales on the H200)
-        torch._foreach_copy_(targets, [flat[i] for i in positions])
-        for i, home in zip(positions, targets):
+        # One copy node per output (``memcpy32_post`` / ``memcpy128`` in a profile): four per block
+        # graph on Infinity-2B (hidden state, K, V, entropy), and K and V are the whole cache so far,
+        # so at the dense scales 6-9 these copies are GPU time the baseline does not spend
+        # (docs/backend.md, tenth session). ``torch._foreach_copy_`` made no difference on the H200:
+        # it falls back to one copy per tensor for mixed dtypes and non-dense views.
+        for i, home in homes.items():
+            home.copy_(flat[i])
             flat[i] = home
         return type(outs)(flat) if isinstance(outs, (tuple, list)) else flat[0]
 
