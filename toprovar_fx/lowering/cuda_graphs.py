@@ -78,11 +78,11 @@ class StaticInput:
 
     __slots__ = ("tensor", "_source", "_version")
 
-    # ``_source`` is None after a copy from an inference tensor, so ``fresh`` never trusts one
-
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
-        self._source: Any = None  # weakref of the tensor last copied in
+        # weakref of the tensor last copied in; None after a copy from an inference tensor (no
+        # version counter), so ``fresh`` never trusts one
+        self._source: Any = None
         self._version = -1
 
     def forget(self) -> None:
@@ -434,8 +434,8 @@ class CudaGraphCache:
     guards together with the plain (non-tensor) arguments, so they stay out of the key too: the
     tensor inputs of a Dynamo graph. Dynamo guards every static size and stride of a graph input
     (another stride recompiles, dynamic shapes or not) and passes each symbolic size or stride as
-    an integer argument, which is in the key (``tests/lowering/test_cuda_graphs.py`` checks this
-    on the installed torch). The shapes and strides of those inputs were two thirds of the key's
+    an integer argument, which is in the key (``tests/lowering/test_lowering.py`` checks this on
+    the installed torch). The shapes and strides of those inputs were two thirds of the key's
     host time (about 2.5 of 4 us per call on the CPU host).
     """
 
