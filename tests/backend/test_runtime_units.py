@@ -24,9 +24,10 @@ def test_clock_counts_generations_scales_layers_and_matches_schedules():
     assert guess_hw(12) == (3, 4) and guess_hw(16) == (4, 4)
 
 
-def test_session_ticks_as_its_clock_does_on_the_same_scale_fast_path():
-    """``Session.tick`` advances layers of the running scale itself (the hot path); the ticks are
-    the clock's own, equal-sized consecutive scales, new generations and a mismatch included."""
+def test_same_scale_ticks_take_the_short_path_and_give_the_general_paths_ticks():
+    """Ticks of the running scale's next layer skip the clock's general path (``ScaleClock.tick``)
+    and the session's scale bookkeeping (``Session.tick``); the ticks are what the general path
+    gives: equal-sized consecutive scales told apart by the depth, new generations, a mismatch."""
     counts = [1, 1, 1, 4, 4, 4, 4, 4, 4, 9, 9, 9] * 2 + [1, 1, 1, 5, 5, 5]
     session = Session(parse_options({"mode": "observe", "schedules": {"a": [[1, 1], [2, 2], [2, 2], [3, 3]]}}),
                       None)
@@ -34,6 +35,9 @@ def test_session_ticks_as_its_clock_does_on_the_same_scale_fast_path():
     got = [session.tick(n, 2) for n in counts]
     want = [clock.tick(n) for n in counts]
     assert got == want
+    expected = [(g, s, lay, s == 0 and lay == 0, lay == 0)
+                for g, scales in ((0, 4), (1, 4), (2, 2)) for s in range(scales) for lay in range(3)]
+    assert [(t.generation, t.scale, t.layer, t.new_generation, t.new_scale) for t in got] == expected
     assert session.clock.depth == clock.depth == 3 and session.clock.mismatch == clock.mismatch is not None
     assert [t.scale for t in got[3:9]] == [1, 1, 1, 2, 2, 2]  # two scales of 4 tokens, told apart by depth
     assert session.gen.index == 2 and session.gen.tokens == {0: 1, 1: 5}

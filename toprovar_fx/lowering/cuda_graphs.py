@@ -201,7 +201,6 @@ class _Captured:
         self._buffer_items = tuple(buffers.items())
         # lent output position -> its storage (held here, so the references counted include this one)
         self._storages = {i: self._flat[i].untyped_storage() for i in lent}
-        self._cdata = {i: st._cdata for i, st in self._storages.items()}  # valid while _storages holds them
         # lent output position -> the references to its storage while nobody outside holds it
         self.watch = {i: _storage_use_count(st) for i, st in self._storages.items()}
         self._checks()
@@ -221,7 +220,8 @@ class _Captured:
     def _checks(self) -> None:
         """``watch`` and ``borrowed`` as the flat pairs ``_blocked`` loops over; outputs that share a
         storage (K and V split from one projection) share their count, so it is checked once."""
-        self._watch_pairs = tuple({self._cdata[i]: base for i, base in self.watch.items()}.items())
+        # storage handles stay valid while ``_storages`` holds the storages
+        self._watch_pairs = tuple({self._storages[i]._cdata: base for i, base in self.watch.items()}.items())
         self._borrowed_pairs = tuple(self.borrowed.items())
         self._checked = bool(self._watch_pairs or self._borrowed_pairs)
 

@@ -63,6 +63,11 @@ class ScaleClock:
 
     def tick(self, tokens: int) -> Tick:
         """Advance the clock by one self-attention event of ``tokens`` query tokens."""
+        if tokens == self.tokens and self.depth is not None and self.layer + 1 < self.depth:
+            # the next layer of the running scale: most ticks, one per block call at the
+            # launch-bound scales, so it skips the general path below (the same result)
+            self.layer += 1
+            return Tick(self.generation, self.scale, self.layer, tokens, False, False)
         new_gen = self.tokens is None or tokens < self.tokens
         new_scale = new_gen or tokens != self.tokens
         if not new_scale and self.depth is not None and self.layer + 1 >= self.depth:

@@ -80,15 +80,14 @@ class Decider:
         # the last entropy-driven selection (entropy tensor, k, rows, indices): the blocks of a scale
         # that share an entropy source and a kept count keep the same tokens, selected once
         self._selection: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
-        # first_active_scale() of this generation once known (forgotten at start_generation; holding the
-        # generation's state instead would keep its lent entropies, so their graphs could not replay)
-        self._first_active: int | None = None
+        # first_active_scale() of this generation, once known, is remembered as an int in
+        # ``session.dense_until`` (-1: not yet; reset at start_generation). Not a reference to the
+        # generation's state: that would keep its lent entropies, so their graphs could not replay.
 
     # ----- generation and scale bookkeeping ---------------------------------------------------
     def start_generation(self, gen: Any) -> None:
         self.gen = gen
         self.resolved = None
-        self._first_active = None
         self.session.dense_until = -1
         self.cur = None
         self.cache.clear()
@@ -258,8 +257,8 @@ class Decider:
             return None  # the fingerprint check needs the depth, known after scale 0
         if clock.mismatch is not None or gen.index in self.unfit:
             return 10**9
-        if self._first_active is not None:
-            return self._first_active  # asked before every block call: the policy's refs are fixed per generation
+        if self.session.dense_until >= 0:
+            return self.session.dense_until  # the policy's refs are fixed per generation
         res = self._resolve()
         if res is None:
             return None
@@ -272,7 +271,7 @@ class Decider:
         if pol.restore.mode == "cached_scale" and res.cached_scale is not None:
             firsts.append(res.cached_scale)
         first = max(1, min(firsts))
-        self._first_active = self.session.dense_until = first
+        self.session.dense_until = first
         return first
 
     def observed_fingerprint(self, num_scales: int) -> dict[str, Any]:

@@ -106,9 +106,10 @@ class Session:
         # accounts when it runs the block, exactly as the dispatcher would for kept branches
         self.block_specs: dict[int, tuple[int, ...]] = {}
         self.planned_calls = 0  # blocks run from a plan (lowering.runners.PlannedBlockRunner)
-        # the running generation's first active scale once the decider knows it, else -1: a
-        # graph call holding at most one self-attention whose clock is two or more scales before
-        # it keeps every branch (``dense_ahead``), asked before every block call in prune mode
+        # the running generation's first active scale once the decider knows it
+        # (``Decider.first_active_scale``), else -1: a graph call holding at most one self-attention
+        # whose clock is two or more scales before it keeps every branch (``dense_ahead``, asked
+        # before every block call in prune mode)
         self.dense_until = -1
         self._graph_pool: Any = None
         _SESSIONS[self.id] = self
@@ -152,16 +153,13 @@ class Session:
     # ----- run time -----------------------------------------------------------------------
     def tick(self, tokens: int, rows: int) -> Tick:
         """Advance the scale clock by one self-attention of ``tokens`` query tokens."""
-        clock = self.clock
-        if tokens == clock.tokens and clock.layer + 1 < (clock.depth or 0) and _LAST[0] is self:
+        t = self.clock.tick(tokens)
+        if not t.new_scale and _LAST[0] is self:
             # the next layer of the running scale: most ticks, one per block call at the
-            # launch-bound scales; exactly ``ScaleClock.tick``'s and ``Decider.on_tick``'s same-scale case
-            clock.layer += 1
-            t = Tick(clock.generation, clock.scale, clock.layer, tokens, False, False)
+            # launch-bound scales; nothing of the generation's or scale's state changes
             if self.decider is not None:
-                self.decider.tick = t
+                self.decider.on_tick(t)
             return t
-        t = clock.tick(tokens)
         if not _LAST or _LAST[0] is not self:
             _LAST[:] = [self]
         if t.new_generation:
