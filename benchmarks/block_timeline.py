@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import build_model, model_variants, sampler_call, sync  # noqa: E402
+from e2e import build_model, sampler_call, sync, variant_by_key  # noqa: E402
 
 from toprovar_fx import backend  # noqa: E402
 from toprovar_fx.lowering import runners  # noqa: E402
@@ -144,7 +144,7 @@ def run(model_name: str, device: str, warmup: int, gens: int, stand_in: bool = F
         raise ValueError("--stand-in-graphs is for --device cpu (on CUDA the backend captures real graphs)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, _ = build_model(model_name, device, dtype)
-    variant = next(v for v in model_variants(model_name) if v.key == "toprovar")
+    variant = variant_by_key(model_name, "toprovar")
     if stand_in:
         # FX graphs: no C++ compiles on the CPU
         variant = dataclasses.replace(variant, options={**variant.options, "inductor": False})

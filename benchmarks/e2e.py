@@ -220,6 +220,15 @@ def model_variants(model_name: str) -> list[Variant]:
     return out
 
 
+def variant_by_key(model_name: str, key: str) -> Variant:
+    """One of ``model_variants(model_name)``; an unknown key is an error that lists the known ones."""
+    variants = model_variants(model_name)
+    for v in variants:
+        if v.key == key:
+            return v
+    raise ValueError(f"no variant {key!r} for {model_name}; known: {', '.join(v.key for v in variants)}")
+
+
 # display order of the tables (the rotation order of the timed rounds too)
 DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "scale", "scale_layer", "toprovar_nocg",
                  "toprovar_noplan", "toprovar_nolend", "toprovar_guardfilter", "toprovar")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import build_model, model_variants, sampler_call, sync  # noqa: E402
+from e2e import build_model, sampler_call, sync, variant_by_key  # noqa: E402
 
 from toprovar_fx.tools.bench import environment, model_bench_parser  # noqa: E402
 
@@ -97,7 +97,7 @@ def _table(rows: list[tuple[str, int, float, float]]) -> list[str]:
 
 def profile_variant(model: torch.nn.Module, key: str, args: argparse.Namespace) -> list[str]:
     """Compile and warm one variant, time it, profile one generation; its Markdown section."""
-    variant = next(v for v in model_variants(args.model) if v.key == key)
+    variant = variant_by_key(args.model, key)
     if variant.kind == "missing":
         return [f"## {key}", "", f"missing: {variant.definition}", ""]
     fn = variant.build(model)

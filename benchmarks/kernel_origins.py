@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import build_model, model_variants, sampler_call, sync  # noqa: E402
+from e2e import build_model, sampler_call, sync, variant_by_key  # noqa: E402
 
 from toprovar_fx.tools.bench import environment, model_bench_parser, write_markdown  # noqa: E402
 
@@ -57,7 +57,7 @@ def origins(events: Iterable[Any], pattern: str) -> tuple[Counter[Origin], dict[
 def run(model_name: str, device: str, warmup: int, pattern: str) -> tuple[Counter[Origin], dict[Origin, float]]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, _ = build_model(model_name, device, dtype)
-    fn = next(v for v in model_variants(model_name) if v.key == "toprovar").build(model)
+    fn = variant_by_key(model_name, "toprovar").build(model)
     call = sampler_call(model, 1, device)
     for _ in range(warmup):
         call(fn)

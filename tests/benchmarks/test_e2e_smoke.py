@@ -119,6 +119,13 @@ def test_stage_policies(e2e: ModuleType) -> None:
     assert Policy.from_dict(e2e.stage_policy("infinity-2b-frozen", "scale_layer")).layer.mode == "frozen"
 
 
+def test_variant_by_key_finds_a_variant_or_names_the_known_ones(e2e: ModuleType) -> None:
+    v = e2e.variant_by_key("infinity-tiny", "toprovar")
+    assert v.key == "toprovar" and v.options.get("policy")
+    with pytest.raises(ValueError, match="no variant 'tprovar'.*known: .*toprovar"):
+        e2e.variant_by_key("infinity-tiny", "tprovar")
+
+
 def test_scale_marks_once_per_scale_and_restored(e2e: ModuleType) -> None:
     model = zoo.build("infinity-tiny")
     k = len(model.resolve_schedule(None))
