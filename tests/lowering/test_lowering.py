@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -168,8 +170,19 @@ class _FakeGraphAPI:
     class CUDAGraph:
         def __init__(self) -> None:
             self.work = None
+            # the outputs the capture allocated in its pool (kept by the pool's list, which outlives
+            # the graph, as such memory does while a caller holds it)
+            self.record = SimpleNamespace(outs=())
+            self.pool_members: list | None = None  # the records of the graphs captured into the pool, in order
 
         def replay(self) -> None:
+            # As on a GPU at worst: memory a capture freed (its intermediates) may back the outputs
+            # of any graph captured after it into the same pool, and a replay writes it again.
+            if self.pool_members is not None:
+                mine = next(i for i, r in enumerate(self.pool_members) if r is self.record)
+                for later in self.pool_members[mine + 1:]:
+                    for o in later.outs:
+                        o.fill_(float("nan"))
             self.work()
 
     class Stream:
@@ -179,6 +192,7 @@ class _FakeGraphAPI:
     capturing: list = []
 
     def __init__(self, fail: bool = False, empty: bool = False) -> None:
+        self.live: dict = {}  # pool handle -> graphs captured into it and not destroyed yet
         self.fail = fail
         self.empty = empty  # captures "record no kernels", as torch.cuda warns then
         self.captures = 0
@@ -186,9 +200,13 @@ class _FakeGraphAPI:
         self.handles = 0
         self.reserved = 0  # bytes "reserved" by captures: ``private_cost`` per capture into a pool of its own
         self.private_cost = 0
+        self.members: dict = {}  # pool handle -> the graphs captured into it, in order
 
     def memory_reserved(self) -> int:
         return self.reserved
+
+    def _destroyed(self, pool) -> None:
+        self.live[pool] -= 1
 
     def graph_pool_handle(self):
         self.handles += 1
@@ -213,10 +231,19 @@ class _FakeGraphAPI:
     def graph(self, g, pool=None):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
+        if pool is not None and self.live.get(pool, 1) == 0:
+            # PyTorch's allocator marks a pool freeable once every graph captured into it is destroyed
+            raise RuntimeError("INTERNAL ASSERT FAILED: it->second->use_count > 0")
+        if pool is not None:
+            self.live[pool] = self.live.get(pool, 0) + 1
+            weakref.finalize(g, self._destroyed, pool)
         self.captures += 1
         self.pools.append(pool)
         if pool is None:
             self.reserved += self.private_cost
+        else:
+            g.pool_members = self.members.setdefault(pool, [])
+            g.pool_members.append(g.record)
         _FakeGraphAPI.capturing[:] = [g]
         try:
             yield
@@ -410,9 +437,9 @@ def test_lending_starts_by_capturing_again_and_lends_every_output():
     assert after.busy == 1 and col.data_ptr() == after.outputs[1].data_ptr()
     assert CudaGraphCache._lendable((out, 3, col)) == {0, 2}
     del out, col
-    # the lent output is handed out from its home, allocated outside the capture (the memory pool)
-    # and laid out as a clone: a view into a larger buffer (K of a fused QKV) reaches the caller
-    # with the strides it had before lending started, so Dynamo does not recompile for it
+    # a view into a larger buffer (K of a fused QKV) is handed out from its home, allocated outside
+    # the capture (the memory pool) and laid out as a clone: it reaches the caller with the strides
+    # it had before lending started, so Dynamo does not recompile for it
     def k_of_qkv(x, w, n):
         return (torch.cat([x @ w, x], 1) + n)[:, :4], x.sum(0)
 
@@ -426,7 +453,99 @@ def test_lending_starts_by_capturing_again_and_lends_every_output():
         assert k.stride() == (4, 1) and k.data_ptr() == entry.outputs[0].data_ptr()
         del k, sums
     assert set(entry.watch) == {0, 1} and split.replays == 2
-    assert api.pools[-1] == pool.get(api)  # small lent outputs: homes, the shared pool
+    # the sums are lent in place, from the pool of the graphs with these input layouts
+    assert entry.pooled == frozenset({1}) and len(pool.groups) == 2  # a group per input layout
+    assert any(entry in g.members for g in pool.groups.values()) and api.pools[-1] != pool.get(api)
+
+
+def test_graphs_lend_in_place_from_their_groups_pool_and_replay_only_while_later_outputs_are_free():
+    """Graphs with the same input layouts captured at one position (the blocks of one scale) lend
+    in place from one pool of their group, no copy into homes. A replay may overwrite the outputs
+    of any member captured after it (the stand-in API does so), so a member replays only while
+    none of those is held; a graph captured at another position starts another group."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    api = _FakeGraphAPI()
+    where = ["scale 3"]
+    pool = SharedPool(lending=True, position=lambda: where[0])
+    blocks = [CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                             pool=pool, lend=True) for _ in range(3)]
+    ws = [torch.randn(4, 4) for _ in blocks]
+
+    def scale(x):
+        outs = []
+        for block, w in zip(blocks, ws):
+            x, col = block(x, w, 0)
+            outs.append(col)  # held, as a generation's state holds the entropies, until the scale ends
+        return x, outs
+
+    def expected(x):
+        cols = []
+        for w in ws:
+            cols.append(x.sum(0))
+            x = x @ w
+        return x, cols
+
+    for _ in range(3):
+        x = torch.randn(4, 4)
+        got, cols = scale(x)
+        ref, ref_cols = expected(x)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(cols, ref_cols)
+        del got, cols
+    entries = [next(iter(b.graphs.values())) for b in blocks]
+    ((key, group),) = pool.groups.items()
+    assert key[0] == "scale 3" and group.members == entries and len(set(api.pools)) == 1
+    assert api.pools[0] == group.handle != pool.get(api)
+    assert all(e.pooled == frozenset({0, 1}) for e in entries)  # in place: nothing goes through a home
+    assert all(b.replays == 3 for b in blocks) and not any(e.busy for e in entries)
+    got, cols = scale(torch.randn(4, 4))
+    last = cols[-1]  # an output of the last member, held: the earlier members must not replay
+    del got, cols
+    x = torch.randn(4, 4)
+    held = last.clone()
+    out, col = blocks[0](x, ws[0], 0)
+    torch.testing.assert_close(last, held)  # untouched: the call ran without the graph
+    torch.testing.assert_close(out, x @ ws[0])
+    assert entries[0].busy == 1 and blocks[0].replays == 4
+    del last, out, col
+    # out of order: with the last member's output held (and nothing of the middle one's), the
+    # middle member must wait
+    h0, c0 = blocks[0](x, ws[0], 0)
+    h1, c1 = blocks[1](h0, ws[1], 0)
+    late, late_col = blocks[2](h1, ws[2], 0)
+    want = late.clone()
+    del h1, c1, late_col
+    torch.testing.assert_close(blocks[1](h0, ws[1], 0)[0], x @ ws[0] @ ws[1])
+    torch.testing.assert_close(late, want)
+    assert entries[1].busy == 1 and [b.replays for b in blocks] == [5, 5, 5]
+    del h0, c0, late
+    got, cols = scale(x)  # all free again: every member replays
+    torch.testing.assert_close(got, expected(x)[0])
+    assert [b.replays for b in blocks] == [6, 6, 6] and group.free_from == 3
+    del got, cols
+    # a graph of the same layouts captured elsewhere (another scale or generation) starts a group
+    where[0] = "scale 4"
+    extra = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool, lend=True)
+    out, col = extra(x, torch.randn(4, 4), 0)
+    (other,) = extra.graphs.values()
+    assert len(pool.groups) == 2 and api.pools[-1] != group.handle and other.group is not group
+    del out, col
+
+
+def test_a_group_no_graph_was_captured_into_is_forgotten():
+    """A capture that records nothing keeps no graph in its group's pool, which may then be freed:
+    the group is dropped, and the next capture starts a new one."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    api = _FakeGraphAPI(empty=True)
+    pool = SharedPool(lending=True)
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool, lend=True)
+    out, _ = cache(torch.ones(2, 4), torch.eye(4), 0)
+    torch.testing.assert_close(out, torch.ones(2, 4))
+    assert api.captures == 1 and cache.empty == 1 and api.pools[0] is not None and not pool.groups
 
 
 def test_large_lent_outputs_are_lent_in_place_from_a_private_pool(monkeypatch):
@@ -641,6 +760,31 @@ def test_graphs_lending_in_place_embed_the_shared_pools_workspace(monkeypatch):
     assert pool.primer is None
 
 
+def test_graphs_lending_from_their_groups_pools_keep_the_shared_pool_alive():
+    """Graphs lending from their groups' pools get their workspace from a primer in the shared pool,
+    which then may hold no other graph: replacing the primer for the next such capture must not
+    leave the shared pool without graphs (PyTorch's allocator, and the stand-in API, refuse a
+    capture into a pool whose graphs were all destroyed)."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    api = _WorkspaceAPI()
+    pool = SharedPool(lending=True)
+    caches = [CudaGraphCache(_replayable(lambda x, w: (x @ w,)), static=[False, True], max_bytes=1 << 20, api=api,
+                             device_type="cpu", pool=pool, lend=True) for _ in range(3)]
+    w = torch.eye(4)
+    for _ in range(2):
+        x = torch.randn(4, 4)
+        for cache in caches:
+            (h,) = cache(x, w)
+            torch.testing.assert_close(h, x)
+            del h
+    assert not any(c.disabled for c in caches) and all(c.replays == 2 for c in caches)
+    shared = pool.get(api)
+    ((_, group),) = pool.groups.items()
+    assert api.pools == [shared, group.handle] * 3  # a primer before each capture
+    assert api.used == [("in pool", shared)] * 6 and pool.keeper is not None
+
+
 def _skip_after_d(name: str) -> dict:
     """``name``'s policy as a scale stage: D fixed at min_start_scale, every later scale skipped."""
     from toprovar_fx.policies import load_policy
@@ -757,12 +901,14 @@ def _replayable(fn):
 
             g.work = work
             # a capture leaves its outputs holding garbage, but never writes into its inputs: an
-            # output that is (a view of) an input keeps its values
+            # output that is (a view of) an input keeps its values; nor into homes, allocated
+            # before the capture, outside its pool
             taken = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            for o in flat:
-                if (isinstance(o, torch.Tensor) and o.is_floating_point()
-                        and o.untyped_storage().data_ptr() not in taken):
-                    o.fill_(float("nan"))
+            taken |= {h.untyped_storage().data_ptr() for h in getattr(fn, "homes", {}).values()}
+            g.record.outs = tuple(o for o in flat if isinstance(o, torch.Tensor) and o.is_floating_point()
+                                  and o.untyped_storage().data_ptr() not in taken)
+            for o in g.record.outs:
+                o.fill_(float("nan"))
         return outs
 
     return wrapped
@@ -823,7 +969,9 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
         assert not last_session().graph_pool().lending
         got = None  # the caller lets go of its images: nothing of ours is held between generations
         call(fast)
-        assert last_session().graph_pool().lending and api.handles == 2  # captured again, in a new pool
+        pool = last_session().graph_pool()
+        # captured again, in a new shared pool and one pool per group of graphs lending in place
+        assert pool.lending and pool.groups and api.handles == 2 + len(pool.groups)
         replays, busy = sum(c.replays for c in made), _busy(made)
         _, got = call(fast)
         replays, busy = sum(c.replays for c in made) - replays, _busy(made) - busy
@@ -843,7 +991,8 @@ def test_cuda_graph_lowering_end_to_end_with_a_stand_in_graph_api(monkeypatch, n
     assert (sum(len(e.borrowed) for e in entries) > 0) == lend  # graphs read lent outputs in place
     assert last_session().planned_calls > 0
     private = cuda_graphs.PRIVATE_LEND_MIN_BYTES == 4096
-    assert api.handles == 1 + lend and set(api.pools) - {None} == {("pool", h) for h in range(1, 2 + lend)}
+    groups = len(last_session().graph_pool().groups)
+    assert api.handles == 1 + lend + groups and set(api.pools) - {None} == {("pool", h) for h in range(1, 2 + lend + groups)}
     assert (None in api.pools) == private  # pools of their own only for graphs lending in place
     assert (rep.start_scale, rep.flop_ratio) == (ref_rep.start_scale, ref_rep.flop_ratio)
     assert [[lay.action for lay in s.layers] for s in rep.scales] == [[lay.action for lay in s.layers]

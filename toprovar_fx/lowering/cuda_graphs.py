@@ -7,10 +7,10 @@ cache grows by ``torch.cat`` into tensors the next scale reads after other graph
 cudagraph trees treat as overwritten outputs. Here every (input shapes, parameter addresses)
 pair gets its own graph with a private memory pool, the per-call inputs are copied into
 static buffers, and the outputs are cloned out after the replay, so callers see ordinary
-tensors with ordinary lifetimes, or, with ``cuda_graph_lend_outputs``, lent from memory no other
-graph writes (``CudaGraphCache._homes``) while the caller holds them. The graphs of one session
+tensors with ordinary lifetimes, or, with ``cuda_graph_lend_outputs``, lent from memory no
+graph writes while the caller holds them (``CudaGraphCache._homes``). The graphs of one session
 share one memory pool (``SharedPool``) unless the option ``cuda_graph_pool: private`` asks for one
-pool per graph.
+pool per graph; graphs lending in place capture into their group's pool (``_Group``) or their own.
 Only calls whose per-call inputs are small are captured
 (``max_bytes``): for large scales the copies would cost more than the launches they save,
 and those scales are GPU-bound anyway.
@@ -119,7 +119,7 @@ def _blas_workspace_clearer(api: Any) -> Callable[[], None] | None:
 
 
 @contextlib.contextmanager
-def _blas_workspace(api: Any, shared: SharedPool | None, private: bool, like: torch.Tensor) -> Iterator[None]:
+def _blas_workspace(api: Any, shared: SharedPool | None, own_pool: bool, like: torch.Tensor) -> Iterator[None]:
     """Capture with a cuBLAS workspace that lives in a pool our graphs keep alive.
 
     Why: cuBLAS caches one workspace per (handle, stream), and a captured GEMM embeds its
@@ -134,9 +134,10 @@ def _blas_workspace(api: Any, shared: SharedPool | None, private: bool, like: to
     outside our captures reaches and which lives as long as a graph captured into it:
     * graphs of the session's shared pool allocate it there (and leave it cached, so a later
       private capture would find it);
-    * a graph lending in place from a pool of its own (``private``) takes it from the shared pool
-      too: ``SharedPool.prime_blas_workspace`` allocates it there first. Allocated in each own pool
-      it cost one workspace per such graph (+5.7 GiB of pools on Infinity-2B at batch 1, H200);
+    * a graph lending in place from a pool other than the shared one (``own_pool``: its own or its
+      group's) takes it from the shared pool too: ``SharedPool.prime_blas_workspace`` allocates it
+      there first. Allocated in each own pool it cost one workspace per such graph (+5.7 GiB of
+      pools on Infinity-2B at batch 1, H200);
     * without a shared pool (option ``cuda_graph_pool: private``) each graph allocates its own
       and the cache is cleared again after the capture, leaving the block to that graph's pool.
     Sharing one workspace is safe for the same reason sharing intermediates is (``SharedPool``):
@@ -156,7 +157,7 @@ def _blas_workspace(api: Any, shared: SharedPool | None, private: bool, like: to
         finally:
             clear()
         return
-    if private:
+    if own_pool:
         shared.prime_blas_workspace(api, clear, like)
     else:
         clear()
@@ -180,12 +181,15 @@ class _Captured:
     (option ``cuda_graph_lend_outputs``). Before a replay, every lent output's storage must be
     back to the references it had right after the capture (nobody holds an alias or a view),
     and every borrowed input (``borrowed``: position -> address of another graph's lent output
-    the graph was captured on) must be at that address; otherwise ``run`` returns ``BUSY`` and the
-    call runs without the graph, so a replay never overwrites what a caller still holds.
+    the graph was captured on) must be at that address, and in a group (``pooled``: lent outputs
+    in its group's pool), no later member's pooled output may be held (``_Group``); otherwise
+    ``run`` returns ``BUSY`` and the call runs without the graph, so a replay never overwrites
+    what a caller still holds.
     """
 
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[Any], buffers: dict[int, StaticInput],
-                 outputs: Any, lent: frozenset[int] = frozenset(), borrowed: dict[int, int] | None = None):
+                 outputs: Any, lent: frozenset[int] = frozenset(), borrowed: dict[int, int] | None = None,
+                 pooled: frozenset[int] = frozenset()):
         self.graph = graph
         self.inputs = inputs  # what the graph was captured with: buffers' tensors and static inputs
         self.buffers = buffers  # argument position -> its static buffer
@@ -203,6 +207,10 @@ class _Captured:
         self._storages = {i: self._flat[i].untyped_storage() for i in lent}
         # lent output position -> the references to its storage while nobody outside holds it
         self.watch = {i: _storage_use_count(st) for i, st in self._storages.items()}
+        # lent outputs in a group's pool (``_Group``), whose memory an earlier member's replay may write
+        self.pooled = pooled
+        self.group: _Group | None = None  # set by ``_Group.join``, with the graph's rank in it
+        self.rank = 0
         self._checks()
         self.busy = 0  # calls that ran without the graph because a lent output was still held
         self.own_pool_bytes = 0  # memory reserved by the graph's own pool (lending in place), else 0
@@ -218,12 +226,17 @@ class _Captured:
         self._checks()
 
     def _checks(self) -> None:
-        """``watch`` and ``borrowed`` as the flat pairs ``_blocked`` loops over; outputs that share a
+        """``watch`` and ``borrowed`` as the flat pairs ``_blocked`` loops over, and the pooled
+        outputs' pairs the group's earlier members check (``victim_pairs``); outputs that share a
         storage (K and V split from one projection) share their count, so it is checked once."""
         # storage handles stay valid while ``_storages`` holds the storages
-        self._watch_pairs = tuple({self._storages[i]._cdata: base for i, base in self.watch.items()}.items())
+        pairs = {self._storages[i]._cdata: base for i, base in self.watch.items()}
+        self._watch_pairs = tuple(pairs.items())
+        self.victim_pairs = tuple({self._storages[i]._cdata: self.watch[i] for i in self.pooled}.items())
         self._borrowed_pairs = tuple(self.borrowed.items())
         self._checked = bool(self._watch_pairs or self._borrowed_pairs)
+        if self.group is not None:
+            self.group.free_from = len(self.group.members)  # counts changed: nothing known free
 
     def _blocked(self, args: Sequence[Any]) -> bool:
         # plain loops over C calls: this runs before every replay of a launch-bound scale
@@ -234,6 +247,9 @@ class _Captured:
         for i, ptr in self._borrowed_pairs:  # noqa: SIM110 - any() over a generator costs more here
             if args[i].data_ptr() != ptr:
                 return True
+        group = self.group
+        if group is not None and group.free_from > self.rank + 1:
+            return group.held_after(self.rank)
         return False
 
     def run(self, args: Sequence[Any]) -> Any:
@@ -247,6 +263,8 @@ class _Captured:
             if ref is None or ref() is not src or src._version != buf._version:  # ``StaticInput.fresh``
                 self.copies += buf.refresh(src)
         self.graph.replay()
+        if self.group is not None:
+            self.group.free_from = self.rank + 1  # its outputs are out; the later members' stay free
         if self._all_lent:
             outs = list(map(_detach, self._flat))
         else:
@@ -301,7 +319,60 @@ def _copying_into(fn: Callable, homes: dict[int, torch.Tensor]) -> Callable:
             flat[i] = home
         return type(outs)(flat) if isinstance(outs, (tuple, list)) else flat[0]
 
+    fn_into_homes.homes = homes  # what the captured graph writes outside its pool (a stand-in API reads it)
     return fn_into_homes
+
+
+class _Group:
+    """Graphs that lend their outputs in place from one memory pool: those with the same input
+    layouts captured during one scale of one generation (``SharedPool.position``), such as the
+    block graphs of one dense scale (``CudaGraphCache._homes``).
+
+    Why it is safe: memory one member's capture freed (its intermediates) may back the outputs of
+    a member captured later, which the earlier member's replay then overwrites. So a member
+    replays only while no later member's pooled output is held (``held_after``); outputs of
+    earlier members never lie in its intermediates (they were alive during its capture). Why it
+    passes: in a sampler the blocks of a scale run in the same order every generation, and their
+    outputs are let go before the same block runs again (the hidden state by the next block, the
+    K/V cache by the next scale, the entropies at the next generation's first tick). Why by
+    position: graphs captured later (a generation's first block, which runs before the clock
+    ticks and so is captured in the next generation when lending starts; a block planned only
+    from some generation on) would join a group whose members run after them.
+
+    ``members`` keeps every graph captured into the pool, also one captured again without lending
+    (what a caller holds of it still lies in the pool), and so the pool alive: a capture into a
+    pool whose graphs were all destroyed fails (``SharedPool.start_lending``).
+
+    ``free_from``: the members from this rank on are known to be free (their pooled outputs held
+    by nobody outside). A member's outputs are held again only after it replays, which sets it to
+    the rank after that member; so in order, only a scale's first replay checks the later members'
+    reference counts, and each next one checks none (at 32 blocks, 124 counts per block call
+    otherwise, about 4 us of host time per call on a CPU host).
+    """
+
+    __slots__ = ("key", "handle", "members", "free_from")
+
+    def __init__(self, key: tuple[Any, ...], handle: Any) -> None:
+        self.key = key
+        self.handle = handle
+        self.members: list[_Captured] = []
+        self.free_from = 0
+
+    def join(self, captured: _Captured) -> None:
+        captured.group, captured.rank = self, len(self.members)
+        self.members.append(captured)
+        self.free_from = len(self.members)
+
+    def held_after(self, rank: int) -> bool:
+        """Whether a pooled output of a member after ``rank`` is held (if not, all are free now)."""
+        use_count = torch._C._storage_Use_Count
+        for member in self.members[rank + 1:self.free_from]:
+            # read now: a member's counts grow when a capture borrows its outputs (``expect_held``)
+            for cdata, base in member.victim_pairs:
+                if use_count(cdata) != base:
+                    return True
+        self.free_from = rank + 1
+        return False
 
 
 class SharedPool:
@@ -310,9 +381,10 @@ class SharedPool:
     Why sharing is safe here: a captured graph's memory that outlives its replay is its static
     inputs (allocated outside the capture, so outside the pool) and its static outputs, which
     ``_Captured.run`` clones before any other graph runs, or, when lent, which live outside this
-    pool (homes, or a graph's own pool: ``CudaGraphCache._homes``). Intermediates freed at the end
-    of one capture may back a later graph's intermediates or outputs; replays are sequential on
-    the capturing stream, so no replay overwrites memory another graph still needs. What it saves:
+    pool (homes, a graph's own pool or its group's: ``CudaGraphCache._homes``). Intermediates
+    freed at the end of one capture may back a later graph's intermediates or outputs; replays
+    are sequential on the capturing stream, so no replay overwrites memory another graph still
+    needs. What it saves:
     the intermediates of every capture stay reserved in a private pool; shared, one capture's
     freed intermediates back the next one's.
 
@@ -324,8 +396,12 @@ class SharedPool:
     (benchmarks/results/e2e.md, "Memory").
     """
 
-    def __init__(self, lending: bool = False, private_budget: int | None = None) -> None:
+    def __init__(self, lending: bool = False, private_budget: int | None = None,
+                 position: Callable[[], Any] | None = None) -> None:
         self.handle: Any = None
+        # where the caller is (the session's generation and scale), read at each capture: graphs
+        # lending in place are grouped by it (``_Group``)
+        self.position = position or (lambda: None)
         self.buffers: dict[tuple[Any, ...], StaticInput] = {}
         # address -> (layout, owning graph, output position) of every lent static output (option
         # cuda_graph_lend_outputs): a later capture that gets such a tensor as input reads it in
@@ -343,6 +419,9 @@ class SharedPool:
         self.private_budget = private_budget
         self.private_bytes = 0
         self.primer: Any = None  # the graph that allocated the cached cuBLAS workspace in this pool
+        self.keeper: Any = None  # the pool's first primer, kept while the pool lives
+        # per input layout, the graphs lending in place from that group's pool (``_Group``)
+        self.groups: dict[tuple[Any, ...], _Group] = {}
 
     def private_room(self, api: Any) -> bool:
         """Whether one more graph may lend in place from a pool of its own (``CudaGraphCache._homes``).
@@ -367,7 +446,10 @@ class SharedPool:
         ``_blas_workspace``): clear the cache and capture two tiny GEMMs (the cuBLAS and the
         cuBLASLt path) into the pool, on ``like``'s device and in its dtype (one the model's GEMMs
         run in, so the GPU supports it). The graph is kept: it keeps the pool, and so the block,
-        alive while graphs captured afterwards embed its address."""
+        alive while graphs captured afterwards embed its address. The first primer of the pool is
+        kept for good (``keeper``): graphs lending in place capture elsewhere, so the shared pool
+        may hold no other graph, and replacing its only graph would leave a pool whose graphs were
+        all destroyed, which the next capture into it fails on (``start_lending``)."""
         self.primer = None  # its destruction may clear the cache (torch 2.11): before, not after, ours
         clear()
         a = torch.zeros(16, 16, device=like.device, dtype=like.dtype)
@@ -377,6 +459,8 @@ class SharedPool:
             torch.addmm(bias, a, a)
             torch.mm(a, a)
         self.primer = graph
+        if self.keeper is None:
+            self.keeper = graph
 
     def start_lending(self) -> int:
         """From now on captures lend outputs; graphs captured before are dropped so that they are
@@ -390,7 +474,8 @@ class SharedPool:
         # allocator marks the pool freeable and a capture into it fails an internal assert
         # ("use_count > 0", seen on the H200 with torch 2.11); the old pool is freed with its graphs.
         self.handle = None
-        self.primer = None
+        self.primer = self.keeper = None
+        self.groups.clear()
         dropped = 0
         for cache in list(self.caches):
             dropped += sum(entry is not None for entry in cache.graphs.values())
@@ -406,6 +491,13 @@ class SharedPool:
         if self.handle is None:
             self.handle = api.graph_pool_handle()
         return self.handle
+
+    def group(self, api: Any, key: tuple[Any, ...]) -> _Group:
+        """The group of graphs with inputs laid out as ``key`` says (made on first use)."""
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Group(key, api.graph_pool_handle())
+        return group
 
     @staticmethod
     def layout(t: torch.Tensor) -> tuple[Any, ...]:
@@ -551,16 +643,18 @@ class CudaGraphCache:
             with api.stream(side):
                 warm = self.fn(*inputs)
             api.current_stream().wait_stream(side)
-            homes, in_place = self._homes(warm, inputs, lend)
+            homes, in_place, group = self._homes(warm, inputs, lend, args)
             del warm
-            # a graph lending large outputs in place owns its memory pool (see ``_homes``)
-            pool = None if self.pool is None or in_place else self.pool.get(api)
+            # a graph lending outputs in place captures into its group's pool or into one of its
+            # own (see ``_homes``)
+            private = bool(in_place) and group is None
+            pool = None if self.pool is None or private else group.handle if group is not None else self.pool.get(api)
             fn = _copying_into(self.fn, homes)
             record = getattr(api, "record_replay", None)  # a stand-in API replaying in Python
             if record is not None:
                 fn = record(fn)
             graph = api.CUDAGraph()
-            reserved = getattr(api, "memory_reserved", None) if in_place else None
+            reserved = getattr(api, "memory_reserved", None) if private else None
             like = next((a for a in inputs if isinstance(a, torch.Tensor) and a.dtype in _GEMM_DTYPES),
                         torch.empty(0, device=self.device_type))
             with _blas_workspace(api, self.pool, in_place, like), warnings.catch_warnings(record=True) as caught:
@@ -570,6 +664,7 @@ class CudaGraphCache:
                     outputs = fn(*inputs)
                 own_pool = reserved() - before if reserved is not None else 0
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
+            self._forget_if_unused(group)
             self.disabled = f"{type(err).__name__}: {err}"
             log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
                         self.disabled)
@@ -588,6 +683,7 @@ class CudaGraphCache:
             # cases, so these inputs run without a graph. Expected for graphs of views (one per
             # scale on Infinity), so debug: at info it was 13 lines per compile on the H200.
             self.empty += 1
+            self._forget_if_unused(group)
             log.debug("toprovar: %s recorded no kernels for inputs %s; it runs without a CUDA graph", self.name,
                      [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             return None
@@ -601,8 +697,11 @@ class CudaGraphCache:
             del alias
             owner, position = self.pool.lent[borrowed[i]][1:]
             owner.expect_held(position, 1 - (with_alias - _use_count(args[i])))  # 1: the alias lives on
-        captured = _Captured(graph, inputs, buffers, outputs, lent, borrowed)
-        if in_place:
+        captured = _Captured(graph, inputs, buffers, outputs, lent, borrowed,
+                             pooled=in_place if group is not None else frozenset())
+        if group is not None:
+            group.join(captured)
+        elif in_place:
             self.private += 1
             captured.own_pool_bytes = own_pool
             self._account_private(own_pool)
@@ -611,11 +710,19 @@ class CudaGraphCache:
             self.pool.lent[o.data_ptr()] = (self.pool.layout(o), captured, i)
         return captured
 
-    def _homes(self, outputs: Any, inputs: Sequence[Any], lend: bool) -> tuple[dict[int, torch.Tensor], frozenset[int]]:
+    def _forget_if_unused(self, group: _Group | None) -> None:
+        """Drop a group that no graph was captured into (a failed or empty capture): its pool may
+        be marked free with the graph that was not kept, and a later capture into it would fail."""
+        if group is not None and not group.members:
+            del self.pool.groups[group.key]
+
+    def _homes(self, outputs: Any, inputs: Sequence[Any], lend: bool,
+               args: Sequence[Any] = ()) -> tuple[dict[int, torch.Tensor], frozenset[int], _Group | None]:
         """Where each lendable output is handed out from: per position, a home (a tensor allocated
         here, outside the capture and so outside any memory pool, laid out as the output's clone
         would be), or, for the positions returned second, the captured output itself, when the
-        graph is captured into a memory pool of its own.
+        graph is captured into a memory pool of its own or into the pool of the group returned
+        third (``_Group``: the graphs with inputs laid out as this call's).
 
         Why not the captured output in the shared pool: the graphs of a session share one pool,
         and memory one capture freed (its intermediates) may back a later capture's outputs, while
@@ -627,25 +734,37 @@ class CudaGraphCache:
         (``_Captured.run``). Laid out as a clone, the caller sees the strides it saw before lending
         started, so Dynamo does not recompile the next graph for them.
 
-        The homes' copies cost GPU time where outputs are large (the hidden state and K/V of the
-        last scales). A graph whose lendable outputs total ``PRIVATE_LEND_MIN_BYTES`` or more is
-        therefore captured into a private pool instead, where nothing else writes, and lends its
-        outputs in place: those laid out as their clone and sharing no storage with an input
-        (which belongs to the caller or another graph). Its intermediates stay reserved for it:
-        memory traded for the copies, only where the copies are large, and only while the session's
-        own pools reserve less than their budget (``SharedPool.private_room``)."""
-        if not lend:
-            return {}, frozenset()
+        The homes' copies cost GPU time: one copy node per output, about 1.4 us each at the small
+        scales and the whole K/V cache so far at the larger ones (3.4 ms per generation on
+        Infinity-2B, H200; docs/backend.md, tenth session). So outputs laid out as their clone and
+        sharing no storage with an input (which belongs to the caller or another graph) are lent in
+        place, from a pool where only graphs that check them before replaying write:
+        * a graph whose lendable outputs total ``PRIVATE_LEND_MIN_BYTES`` or more gets a pool of
+          its own while the session's own pools reserve less than their budget
+          (``SharedPool.private_room``): nothing else writes there, but its intermediates stay
+          reserved for it;
+        * any other goes into its group's pool, whose members replay only while no output of a
+          member captured after them is held (``_Group``): one scale's block graphs share their
+          intermediates' memory and replay in the order they were captured.
+        Outputs that cannot be lent in place (views into a larger buffer, K of a fused QKV) keep
+        a home."""
+        if not lend or self.pool is None:
+            return {}, frozenset(), None
         flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         lendable = self._lendable(flat)
-        in_place: frozenset[int] = frozenset()
+        taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        in_place = frozenset(i for i in lendable if flat[i].storage_offset() == 0
+                             and flat[i].untyped_storage().data_ptr() not in taken
+                             and torch.empty_like(flat[i], device="meta").stride() == flat[i].stride())
+        homes = {i: torch.empty_like(flat[i]) for i in lendable - in_place}
+        if not in_place:
+            return homes, in_place, None
         large = sum(flat[i].numel() * flat[i].element_size() for i in lendable) >= PRIVATE_LEND_MIN_BYTES
-        if self.pool is not None and large and self.pool.private_room(self.api):
-            taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-            in_place = frozenset(i for i in lendable if flat[i].storage_offset() == 0
-                                 and flat[i].untyped_storage().data_ptr() not in taken
-                                 and torch.empty_like(flat[i], device="meta").stride() == flat[i].stride())
-        return {i: torch.empty_like(flat[i]) for i in lendable - in_place}, in_place
+        if large and self.pool.private_room(self.api):
+            return homes, in_place, None
+        key = (self.pool.position(), self.n_args,
+               *[self.pool.layout(args[i]) if isinstance(args[i], torch.Tensor) else args[i] for i in self.dynamic_idx])
+        return homes, in_place, self.pool.group(self.api, key)
 
     def _account_private(self, nbytes: int) -> None:
         pool = self.pool
@@ -653,7 +772,7 @@ class CudaGraphCache:
         pool.private_bytes += nbytes
         if had_room and not pool.private_room(self.api):
             log.info("toprovar: CUDA-graph pools of their own reserve %.0f MiB (budget %.0f MiB, option "
-                     "cuda_graph_private_max_mib); later graphs lend their large outputs through a copy",
+                     "cuda_graph_private_max_mib); later graphs lend from their group's pool",
                      pool.private_bytes / 2**20, pool.private_budget / 2**20)
 
     @staticmethod

@@ -123,7 +123,9 @@ class Session:
             from ..lowering.cuda_graphs import SharedPool
 
             mib = self.settings.cuda_graph_private_max_mib
-            self._graph_pool = SharedPool(private_budget=None if mib is None else int(mib * 2**20))
+            clock = self.clock
+            self._graph_pool = SharedPool(private_budget=None if mib is None else int(mib * 2**20),
+                                          position=lambda: (clock.generation, clock.scale))
         return self._graph_pool
 
     def add_site(self, **kw: Any) -> SiteInfo:
