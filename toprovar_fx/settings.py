@@ -39,7 +39,7 @@ class Settings:
     # graph's output in place (no copy); a graph whose output is still held runs without replay.
     cuda_graph_lend_outputs: bool = True
     # Most memory (MiB) the pools of graphs that lend large outputs in place may reserve in all;
-    # past it such graphs lend through copies into homes. None = 1/16 of the GPU's memory.
+    # past it such graphs lend from their group's shared pool. None = 1/16 of the GPU's memory.
     cuda_graph_private_max_mib: float | None = None
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
     # CUDA graphs per decision signature (runtime/block_plans.py).
@@ -72,7 +72,7 @@ _OPTION_DOCS = {
                                "in the next graph, from the first generation after one that compiled nothing (default on; "
                                "needs cuda_graph_pool: shared)",
     "cuda_graph_private_max_mib": "number >= 0: most memory (MiB) reserved in all by the own pools of graphs "
-                                  "that lend large outputs in place; past it they lend through a copy "
+                                  "that lend large outputs in place; past it they lend from their group's pool "
                                   "(default: 1/16 of the GPU's memory)",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
                       "(default on)",
