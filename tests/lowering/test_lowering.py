@@ -534,6 +534,21 @@ def test_graphs_lend_in_place_from_their_groups_pool_and_replay_only_while_later
     del out, col
 
 
+def test_a_function_that_fails_in_its_warm_up_fails_as_itself():
+    """A call whose function raises during the capture's warm-up disables capturing and raises the
+    function's own error from the plain call, not one of the cache's."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    def broken(x, w, n):
+        raise ValueError("shapes do not match")
+
+    cache = CudaGraphCache(broken, static=[False, True, False], max_bytes=1 << 20, api=_FakeGraphAPI(),
+                           device_type="cpu", pool=SharedPool(lending=True), lend=True)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cache(torch.ones(2, 4), torch.eye(4), 0)
+    assert cache.disabled == "ValueError: shapes do not match" and not cache.pool.groups
+
+
 def test_a_group_no_graph_was_captured_into_is_forgotten():
     """A capture that records nothing keeps no graph in its group's pool, which may then be freed:
     the group is dropped, and the next capture starts a new one."""

@@ -8,7 +8,7 @@ cudagraph trees treat as overwritten outputs. Here every (input shapes, paramete
 pair gets its own graph with a private memory pool, the per-call inputs are copied into
 static buffers, and the outputs are cloned out after the replay, so callers see ordinary
 tensors with ordinary lifetimes, or, with ``cuda_graph_lend_outputs``, lent from memory no
-graph writes while the caller holds them (``CudaGraphCache._homes``). The graphs of one session
+graph writes while the caller holds them (``CudaGraphCache._lending``). The graphs of one session
 share one memory pool (``SharedPool``) unless the option ``cuda_graph_pool: private`` asks for one
 pool per graph; graphs lending in place capture into their group's pool (``_Group``) or their own.
 Only calls whose per-call inputs are small are captured
@@ -230,8 +230,7 @@ class _Captured:
         outputs' pairs the group's earlier members check (``victim_pairs``); outputs that share a
         storage (K and V split from one projection) share their count, so it is checked once."""
         # storage handles stay valid while ``_storages`` holds the storages
-        pairs = {self._storages[i]._cdata: base for i, base in self.watch.items()}
-        self._watch_pairs = tuple(pairs.items())
+        self._watch_pairs = tuple({self._storages[i]._cdata: base for i, base in self.watch.items()}.items())
         self.victim_pairs = tuple({self._storages[i]._cdata: self.watch[i] for i in self.pooled}.items())
         self._borrowed_pairs = tuple(self.borrowed.items())
         self._checked = bool(self._watch_pairs or self._borrowed_pairs)
@@ -272,7 +271,7 @@ class _Captured:
         return outs[0] if self._sequence is None else self._sequence(outs)
 
 
-# a graph whose lendable outputs total this much lends them in place from a private pool (see _homes)
+# a graph whose lendable outputs total this much lends them in place from a private pool (see _lending)
 PRIVATE_LEND_MIN_BYTES = 16 << 20
 # A graph that could not replay this many calls (a lent output still held, or a borrowed input
 # elsewhere) is captured again without lending or borrowing: whatever holds its outputs, it then
@@ -326,7 +325,7 @@ def _copying_into(fn: Callable, homes: dict[int, torch.Tensor]) -> Callable:
 class _Group:
     """Graphs that lend their outputs in place from one memory pool: those with the same input
     layouts captured during one scale of one generation (``SharedPool.position``), such as the
-    block graphs of one dense scale (``CudaGraphCache._homes``).
+    block graphs of one dense scale (``CudaGraphCache._lending``).
 
     Why it is safe: memory one member's capture freed (its intermediates) may back the outputs of
     a member captured later, which the earlier member's replay then overwrites. So a member
@@ -381,7 +380,7 @@ class SharedPool:
     Why sharing is safe here: a captured graph's memory that outlives its replay is its static
     inputs (allocated outside the capture, so outside the pool) and its static outputs, which
     ``_Captured.run`` clones before any other graph runs, or, when lent, which live outside this
-    pool (homes, a graph's own pool or its group's: ``CudaGraphCache._homes``). Intermediates
+    pool (homes, a graph's own pool or its group's: ``CudaGraphCache._lending``). Intermediates
     freed at the end of one capture may back a later graph's intermediates or outputs; replays
     are sequential on the capturing stream, so no replay overwrites memory another graph still
     needs. What it saves:
@@ -424,7 +423,7 @@ class SharedPool:
         self.groups: dict[tuple[Any, ...], _Group] = {}
 
     def private_room(self, api: Any) -> bool:
-        """Whether one more graph may lend in place from a pool of its own (``CudaGraphCache._homes``).
+        """Whether one more graph may lend in place from a pool of its own (``CudaGraphCache._lending``).
 
         Why a budget: such a pool keeps the graph's intermediates reserved for it, so the memory
         grows with the number of large graphs and with the batch. On Infinity-2B at batch 1 they
@@ -635,6 +634,7 @@ class CudaGraphCache:
             buffers[i] = self.pool.input_buffer(i, a) if self.pool is not None else _empty_like_layout(a)
             buffers[i].refresh(a)
             inputs[i] = buffers[i].tensor
+        group: _Group | None = None
         try:
             # warm-up on a side stream (lazy initialisation, autotuning), as CUDA graphs require
             api = self.api
@@ -643,10 +643,10 @@ class CudaGraphCache:
             with api.stream(side):
                 warm = self.fn(*inputs)
             api.current_stream().wait_stream(side)
-            homes, in_place, group = self._homes(warm, inputs, lend, args)
+            homes, in_place, group = self._lending(warm, inputs, lend, args)
             del warm
             # a graph lending outputs in place captures into its group's pool or into one of its
-            # own (see ``_homes``)
+            # own (see ``_lending``)
             private = bool(in_place) and group is None
             pool = None if self.pool is None or private else group.handle if group is not None else self.pool.get(api)
             fn = _copying_into(self.fn, homes)
@@ -716,8 +716,8 @@ class CudaGraphCache:
         if group is not None and not group.members:
             del self.pool.groups[group.key]
 
-    def _homes(self, outputs: Any, inputs: Sequence[Any], lend: bool,
-               args: Sequence[Any] = ()) -> tuple[dict[int, torch.Tensor], frozenset[int], _Group | None]:
+    def _lending(self, outputs: Any, inputs: Sequence[Any], lend: bool,
+                 args: Sequence[Any]) -> tuple[dict[int, torch.Tensor], frozenset[int], _Group | None]:
         """Where each lendable output is handed out from: per position, a home (a tensor allocated
         here, outside the capture and so outside any memory pool, laid out as the output's clone
         would be), or, for the positions returned second, the captured output itself, when the
