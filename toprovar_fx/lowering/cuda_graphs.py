@@ -308,9 +308,8 @@ def _copying_into(fn: Callable, homes: dict[int, torch.Tensor]) -> Callable:
     def fn_into_homes(*args: Any) -> Any:
         outs = fn(*args)
         flat = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-        # One copy node per output (``memcpy32_post`` / ``memcpy128`` in a profile): four per block
-        # graph on Infinity-2B (hidden state, K, V, entropy), and K and V are the whole cache so far,
-        # so at the dense scales 6-9 these copies are GPU time the baseline does not spend
+        # One copy node per output, GPU time the baseline does not spend: until every other output
+        # was lent in place (``_lending``) four per block graph on Infinity-2B, 3.4 ms per generation
         # (docs/backend.md, tenth session). ``torch._foreach_copy_`` made no difference on the H200:
         # it falls back to one copy per tensor for mixed dtypes and non-dense views.
         for i, home in homes.items():
@@ -648,7 +647,10 @@ class CudaGraphCache:
             # a graph lending outputs in place captures into its group's pool or into one of its
             # own (see ``_lending``)
             private = bool(in_place) and group is None
-            pool = None if self.pool is None or private else group.handle if group is not None else self.pool.get(api)
+            if group is not None:
+                pool = group.handle
+            else:
+                pool = None if self.pool is None or private else self.pool.get(api)
             fn = _copying_into(self.fn, homes)
             record = getattr(api, "record_replay", None)  # a stand-in API replaying in Python
             if record is not None:
@@ -657,7 +659,7 @@ class CudaGraphCache:
             reserved = getattr(api, "memory_reserved", None) if private else None
             like = next((a for a in inputs if isinstance(a, torch.Tensor) and a.dtype in _GEMM_DTYPES),
                         torch.empty(0, device=self.device_type))
-            with _blas_workspace(api, self.pool, in_place, like), warnings.catch_warnings(record=True) as caught:
+            with _blas_workspace(api, self.pool, bool(in_place), like), warnings.catch_warnings(record=True) as caught:
                 before = reserved() if reserved is not None else 0
                 warnings.simplefilter("always")
                 with api.graph(graph, pool=pool):
