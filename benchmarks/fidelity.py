@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import importlib.metadata
+import importlib.resources
 import json
 import math
 import platform
@@ -62,7 +63,7 @@ import toprovar_fx  # noqa: E402
 import toprovar_fx.data  # noqa: E402
 from toprovar_fx import zoo  # noqa: E402
 from toprovar_fx.metrics import psnr, ssim  # noqa: E402
-from toprovar_fx.policies import Policy, load_policy  # noqa: E402
+from toprovar_fx.policies import Policy, load_policy, read_policy_yaml  # noqa: E402
 
 __all__ = [
     "CALIBRATED",
@@ -84,7 +85,7 @@ MODEL = "var-ref"
 RESULTS = ROOT / "benchmarks" / "results"
 CALIBRATED = RESULTS / "var-ref-calibrated.yaml"
 FAMILIES = ("keepall", "toprovar", "random", "frequency", "fastvar", "skipvar", "resample")
-DATE = "2026-11-28"
+DATE = "2026-11-30"
 
 # Calibration base: the shipped var-tiny ToProVAR policy (paper defaults), transposed onto var-ref,
 # with one change: layer.beta 0.5 instead of 1.0. With beta 1 every var-ref layer's R falls at or
@@ -92,13 +93,25 @@ DATE = "2026-11-28"
 # the calibrated policy would prune nothing; beta 0.5 maps the same ratios to R 0.58-0.76.
 CALIBRATION_BETA = 0.5
 
+
+
+def shipped_preset(name: str, preset: str) -> dict[str, Any]:
+    """The overrides of one preset of a shipped policy, as its YAML file writes them."""
+    fname = f"{name}.yaml"
+    text = importlib.resources.files("toprovar_fx.policies").joinpath(fname).read_text(encoding="utf-8")
+    return copy.deepcopy(read_policy_yaml(text, fname)["presets"][preset])
+
+
 # ToProVAR budgets: deep-merged over the calibrated policy. tau: with direction `le` a higher tau
 # starts pruning at an earlier scale D; alpha_max / min_keep_ratio: how many tokens the gate keeps.
+# `fastest` is the shipped policies' preset of that name (the last two scales skipped, D fixed at the
+# scale before them).
 TOPROVAR_BUDGETS: dict[str, dict[str, Any]] = {
     "gentle": {"scale": {"tau": 0.35}, "token": {"alpha_max": 0.75, "min_keep_ratio": 0.25}},
     "calibrated": {},
     "strong": {"scale": {"tau": 0.6}, "token": {"alpha_max": 1.0, "min_keep_ratio": 0.05}},
     "max": {"scale": {"tau": 1.0}, "token": {"alpha_max": 1.0, "min_keep_ratio": 0.05}},
+    "fastest": shipped_preset(MODEL, "fastest"),
 }
 
 # FastVAR transposed from var-tiny-fastvar-released (4 blocks, layers [1, 2]) to 8 blocks: the first
@@ -757,6 +770,32 @@ def paired_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) if any_row else ""
 
 
+# ToProVAR against the peer operating point nearest to it in FLOPs, on the same samples.
+PEER_PAIRS = (("toprovar:fastest", "fastvar:released"), ("toprovar:fastest", "skipvar:fast"),
+              ("toprovar:calibrated", "fastvar:hart_ratios"), ("toprovar:strong", "skipvar:balanced"))
+
+
+def peer_table(data: dict[str, Any]) -> str:
+    """Paired SSIM / PSNR differences of toprovar budgets against the peers' nearby operating points."""
+    per = data["per_sample"]
+    flops = {r["label"]: r["flop_ratio"] for r in data["summary"]}
+    lines = ["| toprovar | peer | FLOP ratio toprovar / peer | SSIM toprovar - peer | PSNR toprovar - peer (dB, "
+             "median of pairs) | samples toprovar closer (SSIM) |", "|---|---|---|---|---|---|"]
+    rows = 0
+    for a, b in PEER_PAIRS:
+        if a not in per or b not in per:
+            continue
+        ta, tb = per[a], per[b]
+        diffs = [float(x) - float(y) for x, y in zip(ta["psnr"], tb["psnr"]) if x != "inf" and y != "inf"]
+        closer = sum(x > y for x, y in zip(ta["ssim"], tb["ssim"]))
+        psnr_cell = f"{statistics.median(diffs):+.2f}" if diffs else "n/a"
+        ssim_cell = "{:+.4f} +- {:.4f}".format(*paired(ta["ssim"], tb["ssim"]))
+        lines.append(f"| `{a}` | `{b}` | {flops[a]:.3f} / {flops[b]:.3f} | {ssim_cell} | {psnr_cell} | "
+                     f"{closer}/{len(ta['ssim'])} |")
+        rows += 1
+    return "\n".join(lines) if rows else ""
+
+
 ANALYSIS_START, ANALYSIS_END = "<!-- analysis:start -->", "<!-- analysis:end -->"
 
 
@@ -776,6 +815,14 @@ def write_markdown(data: dict[str, Any], path: Path, class_names: Sequence[str])
     paired_text = "" if not pt else f"""Paired differences on the same samples (mean +- 95% CI; positive = toprovar closer to dense):
 
 {pt}
+
+"""
+    peers = peer_table(data)
+    if peers:
+        paired_text += f"""Against the peers' operating points nearest in FLOPs, on the same samples (mean +- 95% CI of the
+paired SSIM difference; positive = toprovar closer to dense):
+
+{peers}
 
 """
     n_dense = len(per) and data["settings"]["samples"]
