@@ -759,6 +759,15 @@ class Policy:
     def _acts(self) -> bool:
         return self.scale.mode != "off" and any(a != "keep" for a in self.layer.actions.values())
 
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether measured entropy decides anything: the start scale (``criterion: rho``), which
+        tokens are kept (``selection: entropy``) or how many (the gate, whenever tokens are pruned
+        without fixed ``token.ratios``). Blocks ``0..scale.measure_layer`` then run dense at every
+        scale, because the scale's decision waits for the measured block's entropy."""
+        gate = self.token.ratios is None and self._prunes_tokens()
+        return self.scale.criterion == "rho" or self.token.selection == "entropy" or gate
+
     def resolved(self, schedule: str) -> ResolvedScales:
         """Every scale ref of the policy resolved (0-based) for ``schedule``."""
         try:

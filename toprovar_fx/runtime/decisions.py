@@ -75,7 +75,7 @@ class Decider:
         self.unfit: set[int] = set()  # generations in which the policy did not fit the model
         self.row_fraction = 1.0  # 0.5 while only the cond half of a CFG batch runs
         self.disabled: set[Any] = set()  # branches that failed on pruned tokens: dense from then on
-        self._needs_entropy = policy.scale.criterion == "rho" or policy.token.selection == "entropy"
+        self._needs_entropy = policy.needs_entropy
         self.plan_run = None  # a PlanRun while a planned block runs (runtime/block_plans.py)
         # the last entropy-driven selection (entropy tensor, k, rows, indices): the blocks of a scale
         # that share an entropy source and a kept count keep the same tokens, selected once

@@ -196,10 +196,8 @@ def _simulate(policy: Policy, res: ResolvedScales, depth: int, bf: BlockFlops, r
     pol = policy
     tokens = [h * w for h, w in res.hw]
     kv_len = [0] * depth
-    # runtime Decider._needs_entropy: layers up to measure_layer run dense only when entropy
-    # decides something; without it the gate has no entropy and keeps every token
-    needs_entropy = pol.scale.criterion == "rho" or pol.token.selection == "entropy"
-    first_decided = pol.scale.measure_layer + 1 if needs_entropy else 0
+    # as the runtime: layers up to measure_layer run dense only when entropy decides something
+    first_decided = pol.scale.measure_layer + 1 if pol.needs_entropy else 0
     out: list[_ScaleSim] = []
     for s, n in enumerate(tokens):
         active = sc.start is not None and s >= sc.start and s > 0 and pol.scale.mode != "off"
@@ -221,8 +219,7 @@ def _simulate(policy: Policy, res: ResolvedScales, depth: int, bf: BlockFlops, r
                 cls = sc.classes.get(layer, "global")
                 action = pol.layer.actions[cls]
                 if action == "prune_tokens":
-                    gate_blind = res.ratios is None and not needs_entropy
-                    k = None if gate_blind else sc.kept(s, layer, sc.scores.get(layer, 1.0))
+                    k = sc.kept(s, layer, sc.scores.get(layer, 1.0))
                     if k is None or k >= n:
                         action, k = "keep", None
             runs = {}
