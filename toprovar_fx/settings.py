@@ -21,7 +21,7 @@ class Settings:
 
     # A shipped policy name, a YAML path, a dict, or None (observe only).
     policy: Any = None
-    # Preset of the policy (quality | balanced | fast); None = the policy's default_preset.
+    # Preset of the policy (quality | balanced | fast | fastest); None = the policy's default_preset.
     preset: str | None = None
     # "observe": rewrite attention and record entropy only; "prune": apply the policy.
     # None = "prune" when a policy is given, else "observe".
@@ -62,7 +62,7 @@ class Settings:
 
 _OPTION_DOCS = {
     "policy": "shipped policy name, path to a YAML file, a dict, or a Policy",
-    "preset": "quality | balanced | fast (a preset defined by the policy)",
+    "preset": "quality | balanced | fast | fastest (a preset defined by the policy)",
     "mode": "observe | prune",
     "inductor": "bool: hand rewritten graphs to Inductor (default: on for CUDA, off for CPU)",
     "cuda_graphs": "bool: replay small graphs (early scales) from CUDA graphs (default: on for CUDA)",
