@@ -824,6 +824,8 @@ _VARIANTS = {"skip-after-d": _skip_after_d, "cached-restore": _cached_restore}
     ("var-tiny", "fast", None),  # Detail layers skipped whole: planned skips
     ("infinity-tiny", "fast", None),
     ("var-tiny", None, "skip-after-d"),  # whole scales skipped: the blocks after each scale's first
+    ("var-tiny", "fastest", None),  # the last two scales skipped, the one before pruned
+    ("infinity-tiny", "fastest", None),
     ("var-tiny", None, "cached-restore"),  # entropy policy, FastVAR's restore: the cached scale is planned
     ("var-tiny-fastvar-released", None, None),  # per-sublayer frequency selection, cached-scale restore
     ("infinity-tiny-fastvar-released", None, None),
@@ -853,11 +855,41 @@ def test_planned_blocks_change_nothing(name, preset, policy):
     (a, runs_off, *rest_off), (b, runs_on, *rest_on) = results[False], results[True]
     assert runs_off == 0 and runs_on > 0  # the planned path ran, and only when asked for
     assert rest_on == rest_off
-    if preset == "fast" or policy == "skip-after-d":  # those planned blocks were skips
+    if preset in ("fast", "fastest") or policy == "skip-after-d":  # those planned blocks were skips
         assert any(action == "skip" for sc in rest_on[2] for action, _, _ in sc)
     if policy == "cached-restore":  # tokens were pruned and restored from the cached scale
         assert rest_on[1] < 1.0 and any(action == "prune_tokens" for sc in rest_on[2] for action, _, _ in sc)
     assert max_rel_diff(b, a) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["var-tiny", "infinity-tiny"])
+def test_blocks_with_every_branch_skipped_hand_their_inputs_back(monkeypatch, name):
+    """After the first, a planned block whose every branch is skipped runs nothing: its outputs
+    are its inputs (what the first call showed), so neither graph nor CUDA-graph copy is needed."""
+    from toprovar_fx.lowering.runners import PlannedBlockRunner
+
+    ran: list[bool] = []
+    planned_fn = PlannedBlockRunner._planned_fn
+
+    def counting(self, *args):
+        ran.append(self.session.decider.plan_run.plan.skips_all)
+        return planned_fn(self, *args)
+
+    monkeypatch.setattr(PlannedBlockRunner, "_planned_fn", counting)
+    torch._dynamo.reset()
+    call = sampler_call(name, 1)
+    fast = torch.compile(model(name).autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": name, "preset": "fastest", "strict": True})
+    call(fast)
+    learned = ran.count(True)
+    ran.clear()
+    call(fast)
+    rep = toprovar_fx.last_generation()
+    skipped_blocks = sum(len(sc.layers) for sc in rep.scales if sc.skipped)
+    assert 1 <= learned < skipped_blocks  # the first skip-all call of each block graph ran it
+    assert True not in ran and False in ran  # then none did; the pruned scale's plans still ran
+    assert rep.planned_blocks >= skipped_blocks - 2  # each skipped scale's first block is dispatched
+    assert all(lay.action == "skip" for sc in rep.scales if sc.skipped for lay in sc.layers)
 
 
 @pytest.mark.parametrize("name", ["var-tiny-fastvar-released", "infinity-tiny-fastvar-released"])

@@ -54,6 +54,10 @@ class BlockPlan:
         return "prune_tokens" in self.actions
 
     @property
+    def skips_all(self) -> bool:
+        return all(a == "skip" for a in self.actions)
+
+    @property
     def signature(self) -> tuple[Any, ...]:
         """What the captured computation depends on beyond its inputs' shapes."""
         return self.actions, self.select_in_graph, self.cached_hw, self.hw, self.record_cache
