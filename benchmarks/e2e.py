@@ -115,7 +115,7 @@ class Variant:
             return sampler
         if self.kind == "inductor":
             return torch.compile(sampler, **self.compile_kwargs)
-        return torch.compile(sampler, backend=toprovar_backend(), options=dict(self.options))
+        return torch.compile(sampler, backend=toprovar_backend(), options=dict(self.options), **self.compile_kwargs)
 
 
 def toprovar_backend() -> str | Callable[..., Any]:
@@ -147,6 +147,11 @@ def stage_policy(base: str, stage: str) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return load_policy(base).derive(f"{base}-e2e-{stage.replace('_', '-')}", overrides, f"{base}: {what}")
+
+
+# torch.compile arguments of toprovar variants beside backend and options: SkipVAR's CFG shortcut
+# runs the cond half alone, which needs graphs whose batch size is symbolic
+TOPROVAR_COMPILE_KWARGS: dict[str, dict[str, Any]] = {"skipvar": {"dynamic": True}}
 
 
 def model_variants(model_name: str) -> list[Variant]:
@@ -185,6 +190,10 @@ def model_variants(model_name: str) -> list[Variant]:
          "the token stage at the scale before them (on var-ref fewer FLOPs than FastVAR and closer to dense: "
          "fidelity.md)",
          lambda: {"policy": policy_or_missing(main), "preset": "fastest"}, True),
+        ("skipvar", "toprovar SkipVAR", "toprovar",
+         f"policy `{model_name}-skipvar`, preset `fast` (the last two scales skipped, the scale before them "
+         "conditional only), compiled with `dynamic=True` as its CFG shortcut needs",
+         lambda: {"policy": policy_or_missing(f"{model_name}-skipvar"), "preset": "fast"}, True),
         ("observe", "toprovar observe", "toprovar", "`mode: observe` (SDPA -> FAE, entropy recorded, no pruning)",
          lambda: {"mode": "observe"}, False),
         ("toprovar_noplan", f"toprovar {main}, no planned blocks", "toprovar",
@@ -219,7 +228,8 @@ def model_variants(model_name: str) -> list[Variant]:
             out.append(Variant(key, label, "missing", f"{definition}: {err}"))
             continue
         if kind == "toprovar":
-            out.append(Variant(key, label, kind, definition, options=made, prunes=prunes))
+            out.append(Variant(key, label, kind, definition, compile_kwargs=TOPROVAR_COMPILE_KWARGS.get(key, {}),
+                               options=made, prunes=prunes))
         else:
             out.append(Variant(key, label, kind, definition, compile_kwargs=made, prunes=prunes))
     return out
@@ -235,8 +245,8 @@ def variant_by_key(model_name: str, key: str) -> Variant:
 
 
 # display order of the tables (the rotation order of the timed rounds too)
-DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "toprovar_fastest", "scale", "scale_layer",
-                 "toprovar_nocg", "toprovar_noplan", "toprovar_nolend", "toprovar_guardfilter", "toprovar")
+DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "skipvar", "toprovar_fastest", "scale",
+                 "scale_layer", "toprovar_nocg", "toprovar_noplan", "toprovar_nolend", "toprovar_guardfilter", "toprovar")
 VARIANT_KEYS = DISPLAY_ORDER
 
 
@@ -1181,6 +1191,9 @@ def targets(b: Bench, rows: dict[str, dict[str, Any]], per_scale: list[dict[str,
                   runs["toprovar"].median_ms() if "toprovar" in runs else None)
     speed("toprovar faster than the FastVAR policy (FastVAR ms / toprovar ms > 1)", fast, 1.0 + 1e-9,
           "toprovar or FastVAR")
+    if "toprovar_fastest" in runs and "skipvar" in runs:
+        speed("toprovar preset fastest faster than the SkipVAR policy (SkipVAR is closer to dense on var-ref)",
+              _ratio(runs["skipvar"].median_ms(), runs["toprovar_fastest"].median_ms()), 1.0 + 1e-9, "SkipVAR")
     if "toprovar_fastest" in runs:
         fastest = _ratio(runs["fastvar"].median_ms() if "fastvar" in runs else None,
                          runs["toprovar_fastest"].median_ms())

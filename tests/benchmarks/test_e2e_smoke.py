@@ -19,7 +19,7 @@ from toprovar_fx.policies import Policy, load_policy
 
 from .scripts import load_benchmark
 
-VARIANTS = ["eager", "observe", "toprovar"]
+VARIANTS = ["eager", "observe", "toprovar", "skipvar"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,12 @@ def test_every_variant_measured(result: dict[str, Any]) -> None:
     reports = {v["key"]: v["report"] for v in model["variants"]}
     assert reports["eager"] is None and reports["toprovar"]["policy"] == "infinity-tiny"
     assert len(reports["toprovar"]["scales"]) == k
+    # SkipVAR's CFG shortcut needs torch.compile(dynamic=True): without it the backend falls back
+    # and both CFG halves run; with it the scale before the two skipped ones runs on half the rows
+    skip = reports["skipvar"]
+    assert skip["fallbacks"] == []
+    assert [(s["skipped"], s["flops_executed"] / s["flops_dense"]) for s in skip["scales"][-3:]] == [
+        (False, 0.5), (True, 0.0), (True, 0.0)]
     assert model["rows"]["eager"]["vs_eager"] == pytest.approx(1.0)
     assert {t["target"].split(" ")[0] for t in model["targets"]} >= {"toprovar", "observe", "zero", "pruned"}
     last2 = next(t for t in model["targets"] if "last two scales" in t["target"])
