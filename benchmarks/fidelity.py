@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import copy
 import importlib.metadata
-import importlib.resources
 import json
 import math
 import platform
@@ -63,7 +62,7 @@ import toprovar_fx  # noqa: E402
 import toprovar_fx.data  # noqa: E402
 from toprovar_fx import zoo  # noqa: E402
 from toprovar_fx.metrics import psnr, ssim  # noqa: E402
-from toprovar_fx.policies import Policy, load_policy, read_policy_yaml  # noqa: E402
+from toprovar_fx.policies import Policy, load_policy, read_shipped  # noqa: E402
 
 __all__ = [
     "CALIBRATED",
@@ -95,13 +94,6 @@ CALIBRATION_BETA = 0.5
 
 
 
-def shipped_preset(name: str, preset: str) -> dict[str, Any]:
-    """The overrides of one preset of a shipped policy, as its YAML file writes them."""
-    fname = f"{name}.yaml"
-    text = importlib.resources.files("toprovar_fx.policies").joinpath(fname).read_text(encoding="utf-8")
-    return copy.deepcopy(read_policy_yaml(text, fname)["presets"][preset])
-
-
 # ToProVAR budgets: deep-merged over the calibrated policy. tau: with direction `le` a higher tau
 # starts pruning at an earlier scale D; alpha_max / min_keep_ratio: how many tokens the gate keeps.
 # `fastest` is the shipped policies' preset of that name (the last two scales skipped, D fixed at the
@@ -111,7 +103,7 @@ TOPROVAR_BUDGETS: dict[str, dict[str, Any]] = {
     "calibrated": {},
     "strong": {"scale": {"tau": 0.6}, "token": {"alpha_max": 1.0, "min_keep_ratio": 0.05}},
     "max": {"scale": {"tau": 1.0}, "token": {"alpha_max": 1.0, "min_keep_ratio": 0.05}},
-    "fastest": shipped_preset(MODEL, "fastest"),
+    "fastest": copy.deepcopy(read_shipped(MODEL)["presets"]["fastest"]),
 }
 
 # FastVAR transposed from var-tiny-fastvar-released (4 blocks, layers [1, 2]) to 8 blocks: the first

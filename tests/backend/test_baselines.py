@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import toprovar_fx
-from toprovar_fx.policies import Policy, load_policy
+from toprovar_fx.policies import load_policy
 
 from .helpers import model, sampler_call
 
@@ -59,10 +59,6 @@ def test_fastest_preset_skips_the_last_two_scales_and_prunes_the_one_before(name
     assert pruned and all(layer.kept_tokens < last.tokens for layer in pruned)
 
 
-def _derived(name: str, over: dict) -> Policy:
-    return Policy.from_dict(load_policy("var-tiny").derive(name, over), source=f"<{name}>")
-
-
 def test_a_fixed_start_with_random_selection_takes_its_kept_counts_from_the_gate():
     """The gate's k needs the measured entropy even when neither D nor the selection does."""
     fixed = {"scale": {"criterion": "fixed", "min_start_scale": -2, "max_start_scale": -2},
@@ -70,7 +66,7 @@ def test_a_fixed_start_with_random_selection_takes_its_kept_counts_from_the_gate
     reports = {}
     for sel in ("entropy", "random"):
         torch._dynamo.reset()
-        pol = _derived(f"var-tiny-fixed-{sel}", {**fixed, "token": {"selection": sel}})
+        pol = load_policy("var-tiny").derive(f"var-tiny-fixed-{sel}", {**fixed, "token": {"selection": sel}})
         fast = torch.compile(model("var-tiny").autoregressive_infer_cfg, backend="toprovar",
                              options={"policy": pol, "strict": True})
         sampler_call("var-tiny", 1)(fast)

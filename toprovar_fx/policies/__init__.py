@@ -8,7 +8,7 @@
 Schema, semantics and the shipped policies: ``docs/policies.md``.
 """
 
-from .loader import list_policies, load_policy, read_policy_yaml
+from .loader import list_policies, load_policy, read_policy_yaml, read_shipped
 from .schema import (
     SCHEMA_VERSION,
     CFGHandling,
@@ -47,5 +47,6 @@ __all__ = [
     "load_policy",
     "parse_scale_ref",
     "read_policy_yaml",
+    "read_shipped",
     "resolve_scale_ref",
 ]

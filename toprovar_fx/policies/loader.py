@@ -18,7 +18,7 @@ import yaml
 
 from .schema import Policy, PolicyError
 
-__all__ = ["load_policy", "list_policies", "read_policy_yaml"]
+__all__ = ["load_policy", "list_policies", "read_policy_yaml", "read_shipped"]
 
 _PACKAGE = __package__ or "toprovar_fx.policies"
 _YAML_SUFFIXES = (".yaml", ".yml")
@@ -49,11 +49,16 @@ def read_policy_yaml(text: str, source: str) -> Any:
         raise PolicyError(source, "<yaml>", f"YAML error: {e}", "well-formed YAML") from None
 
 
-@functools.lru_cache(maxsize=128)
-def _load_shipped(name: str, preset: str | None) -> Policy:
+def read_shipped(name: str) -> Mapping:
+    """The YAML document of the shipped policy ``name`` as written (presets not applied)."""
     fname = f"{name}.yaml"
     text = resources.files(_PACKAGE).joinpath(fname).read_text(encoding="utf-8")
-    return Policy.from_dict(_as_mapping(read_policy_yaml(text, fname), fname), source=fname, preset=preset)
+    return _as_mapping(read_policy_yaml(text, fname), fname)
+
+
+@functools.lru_cache(maxsize=128)
+def _load_shipped(name: str, preset: str | None) -> Policy:
+    return Policy.from_dict(read_shipped(name), source=f"{name}.yaml", preset=preset)
 
 
 def _as_mapping(doc: Any, source: str) -> Mapping:
