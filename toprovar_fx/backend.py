@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 
 from .lowering.cuda_graphs import CudaGraphCache, mutates_inputs
 from .lowering.runners import GraphRunner, PlannedBlockRunner, ScaleSwitchRunner
@@ -114,10 +115,11 @@ def _has_runtime_calls(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in _RUNTIME_CALLS for n in gm.graph.nodes)
 
 
-def _lower_whole(work: fx.GraphModule, ctx: PassContext) -> Callable:
+def _lower_whole(work: fx.GraphModule, ctx: PassContext, max_bytes: int | None = None) -> Callable:
     """A graph without run-time decisions (``work``, the passes' output for ``ctx``): Inductor (CUDA
-    by default), then CUDA graphs for small calls; the first ``ctx.n_outputs`` outputs are Dynamo's
-    (the rest: hoisted entropies). Nothing returned keeps ``ctx`` (it holds the example inputs)."""
+    by default), then CUDA graphs for calls whose per-call inputs take at most ``max_bytes``
+    (default ``cuda_graph_max_mib``); the first ``ctx.n_outputs`` outputs are Dynamo's (the rest:
+    hoisted entropies). Nothing returned keeps ``ctx`` (it holds the example inputs)."""
     session, example_inputs, graph_id = ctx.session, ctx.example_inputs, ctx.graph_id
     settings = session.settings
     fn: Callable = work.forward
@@ -127,7 +129,8 @@ def _lower_whole(work: fx.GraphModule, ctx: PassContext) -> Callable:
         fn = compile_fx(work, example_inputs)
     if _wants_cuda_graphs(settings, example_inputs) and not mutates_inputs(work.graph):
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
-        fn = CudaGraphCache(fn, static, int(settings.cuda_graph_max_mib * 2**20), name=f"graph {graph_id}",
+        limit = int(settings.cuda_graph_max_mib * 2**20) if max_bytes is None else max_bytes
+        fn = CudaGraphCache(fn, static, limit, name=f"graph {graph_id}",
                             pool=session.graph_pool(), lend=settings.cuda_graph_lend_outputs,
                             guarded=_dynamo_guarded(example_inputs))
     return fn
@@ -172,10 +175,20 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
     dense_ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe",
                             reuse_site_ids=list(ctx.registered_site_ids))
     dense_work = run_passes(_copy_graph_module(gm), dense_ctx)
-    dense = _runner(session, _lower_whole(dense_work, dense_ctx), dense_ctx, dense_variant=True)
+    # the dense variant runs the kept (Global) blocks of pruned scales too: captured up to the planned
+    # blocks' limit, or those blocks alone would launch their kernels one by one at the large scales
+    dense_fn = _lower_whole(dense_work, dense_ctx, _planned_max_bytes(session.settings))
+    dense = _runner(session, dense_fn, dense_ctx, dense_variant=True)
     self_sites = sum(session.sites[sid].kind != "cross" for sid in dense_ctx.registered_site_ids)
     planned = _planned_runner(work, ctx) if self_sites == 1 else None
     return ScaleSwitchRunner(session, dense, pruned, self_sites, leading, planned)
+
+
+def _planned_max_bytes(settings: Settings) -> int:
+    """Largest per-call inputs of a block graph in prune mode captured in a CUDA graph: 8 x
+    ``cuda_graph_max_mib``, so that the K/V cache of the last scales fits (on Infinity-2B, a kept
+    block at 48x48 takes 87 MB of inputs; uncaptured, it launched 26 kernels more than a replay)."""
+    return int(8 * settings.cuda_graph_max_mib * 2**20)
 
 
 def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunner | None:
@@ -190,7 +203,7 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunne
     if first is None or first.x not in placeholders:
         return None
     static = [is_static_input(n) for n in placeholders]
-    max_bytes = int(8 * settings.cuda_graph_max_mib * 2**20)  # K/V copies of large scales included
+    max_bytes = _planned_max_bytes(settings)
     use_graphs = _wants_cuda_graphs(settings, ctx.example_inputs)
     guarded = _dynamo_guarded(ctx.example_inputs)
 
@@ -220,6 +233,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
             ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe")
             work = run_passes(_copy_graph_module(gm), ctx)
             runner = _runner(session, _lower_whole(work, ctx), ctx)
+    except RestartAnalysis:
+        # Dynamo's signal to trace the frame again (Inductor's float-scalar pass raises it under
+        # dynamic=True): it calls the backend again with the new graph. Swallowed, the graph ran
+        # dense and its self-attentions never ticked the scale clock
+        raise
     except Exception as err:  # noqa: BLE001 - any failure must fall back to the traced graph
         if settings.strict:
             raise

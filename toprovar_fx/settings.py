@@ -66,7 +66,8 @@ _OPTION_DOCS = {
     "mode": "observe | prune",
     "inductor": "bool: hand rewritten graphs to Inductor (default: on for CUDA, off for CPU)",
     "cuda_graphs": "bool: replay small graphs (early scales) from CUDA graphs (default: on for CUDA)",
-    "cuda_graph_max_mib": "number > 0: largest per-call input size (MiB) replayed from a CUDA graph",
+    "cuda_graph_max_mib": "number > 0: largest per-call input size (MiB) replayed from a CUDA graph "
+                          "(block graphs in prune mode: 8x that)",
     "cuda_graph_pool": "shared | private: one CUDA-graph memory pool per session (default) or per graph",
     "cuda_graph_lend_outputs": "bool: hand CUDA-graph outputs out without a clone and read them in place "
                                "in the next graph, from the first generation after one that compiled nothing (default on; "

@@ -81,3 +81,39 @@ def test_shipped_toprovar_policy_prunes_tiny_model():
     assert rep.start_scale is not None and rep.flops_executed < rep.flops_dense
     assert all(layer.layer_class in ("global", "detail") for layer in rep.scales[-1].layers)
     assert max_rel_diff(got[: rep.start_scale], ref[: rep.start_scale]) <= 1e-5
+
+
+def test_dynamos_restart_signal_is_not_taken_for_a_failure(monkeypatch):
+    """A graph whose lowering raises Dynamo's ``RestartAnalysis`` (Inductor's float-scalar pass does
+    under ``dynamic=True``) is traced again by Dynamo and compiled by us on the second try; taken
+    for a failure, it ran dense and its self-attentions never ticked the scale clock (on the H200,
+    SkipVAR's policy then fell back: "observed token counts per scale [36] match no schedule")."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    import toprovar_fx.backend as backend
+
+    m = model("var-tiny")
+    call = sampler_call("var-tiny", 1)
+    results = []
+    lower, raised = backend._lower_whole, []
+
+    def restarting_once(work, ctx, max_bytes=None):
+        if ctx.hoisted and not raised:  # a block graph (entropy outputs): its attention ticks the clock
+            raised.append(ctx.graph_id)
+            raise TensorifyScalarRestartAnalysis
+        return lower(work, ctx, max_bytes)
+
+    for restart in (False, True):
+        if restart:
+            monkeypatch.setattr(backend, "_lower_whole", restarting_once)
+        torch._dynamo.reset()
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "var-tiny"})
+        call(fast)
+        compiled = toprovar_fx.last_generation().fallbacks  # the compile's fallbacks go to the first report
+        _, logits = call(fast)
+        rep = toprovar_fx.last_generation()
+        results.append((logits, rep.start_scale, rep.flop_ratio, compiled + rep.fallbacks))
+    (ref, *ref_rest), (got, *got_rest) = results
+    assert raised and got_rest[2] == [] == ref_rest[2]
+    assert got_rest == ref_rest and ref_rest[1] < 1.0  # the policy fit and pruned as without the restart
+    assert max_rel_diff(got, ref) <= 1e-5

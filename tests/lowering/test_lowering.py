@@ -862,6 +862,50 @@ def test_planned_blocks_change_nothing(name, preset, policy):
     assert max_rel_diff(b, a) <= 1e-5
 
 
+@pytest.mark.parametrize("name,preset", [("infinity-tiny", None), ("infinity-tiny", "fastest"), ("var-tiny", None)])
+def test_planned_blocks_decide_and_select_inside_their_graphs(monkeypatch, name, preset):
+    """A pruned scale's decision and token selection cost no eager kernels of their own: the
+    measured block computes the decision in its graph (``measure`` plans, rho and kept counts),
+    and the first pruned block ranks the entropy in its graph; the later blocks take its indices."""
+    from toprovar_fx.lowering import runners as runners_mod
+    from toprovar_fx.runtime import decisions
+
+    eager: list[str] = []
+    in_graph: list[tuple[str, int]] = []
+
+    def counting(module, fn_name: str, kind: str, graph: bool) -> None:
+        fn = getattr(module, fn_name)
+
+        def counted(*args):
+            if graph:
+                in_graph.append((kind, last_session().decider.plan_run.plan.scale))
+            else:
+                eager.append(kind)
+            return fn(*args)
+
+        monkeypatch.setattr(module, fn_name, counted)
+
+    counting(decisions, "decision_values", "decision", graph=False)
+    counting(decisions, "entropy_indices", "selection", graph=False)
+    counting(runners_mod, "decision_values", "decision", graph=True)
+    counting(runners_mod, "entropy_indices", "selection", graph=True)
+    torch._dynamo.reset()
+    call = sampler_call(name, 1)
+    fast = torch.compile(model(name).autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": name, "strict": True} | ({"preset": preset} if preset else {}))
+    call(fast)
+    eager.clear()
+    in_graph.clear()
+    call(fast)
+    rep = toprovar_fx.last_generation()
+    pruned = sorted(sc.index for sc in rep.scales if any(lay.action == "prune_tokens" for lay in sc.layers))
+    assert pruned and eager == []  # nothing decided or selected outside a graph
+    assert [s for kind, s in in_graph if kind == "selection"] == pruned  # one ranking per pruned scale
+    decided = [s for kind, s in in_graph if kind == "decision"]
+    assert decided == sorted(set(decided)) and set(pruned) <= set(decided)
+    assert decided[0] == rep.start_scale or (rep.scales[decided[0]].rho is not None and decided[0] < rep.start_scale)
+
+
 @pytest.mark.parametrize("name", ["var-tiny", "infinity-tiny"])
 def test_blocks_with_every_branch_skipped_hand_their_inputs_back(monkeypatch, name):
     """After the first, a planned block whose every branch is skipped runs nothing: its outputs

@@ -10,6 +10,8 @@ import torch
 from torch.profiler import record_function
 
 from ..runtime.block_plans import PlanRun, apply_plan_effects, cached_inputs, plan_next_block
+from ..runtime.decision_ops import decision_values
+from ..runtime.token_ops import entropy_indices
 
 
 def _own_outputs(outs: Any, n: int, sequence: bool) -> Any:
@@ -71,12 +73,13 @@ class ScaleSwitchRunner:
         self.planned = planned
 
     def __call__(self, *args: Any) -> Any:
-        if self.session.dense_ahead(self.self_sites, self.mixed):
+        planned = self.planned
+        if self.session.dense_ahead(self.self_sites, self.mixed, planned is not None and not planned.disabled):
             if self.leading_specs:  # the self-attentions account their blocks' branches when they record
                 self.session.decider.account_kept(self.leading_specs)
             return self.dense(*args)
-        if self.planned is not None:
-            done, out = self.planned.try_call(args)
+        if planned is not None:
+            done, out = planned.try_call(args)
             if done:
                 return out
         return self.pruned(*args)
@@ -121,14 +124,27 @@ class PlannedBlockRunner:
         then the cached-scale outputs; returns the graph's outputs, the entropies, the first
         in-graph selection if there is one, and the kept branches' outputs if the plan records
         the cached scale."""
-        run = self.session.decider.plan_run
+        decider = self.session.decider
+        run = decider.plan_run
         n = len(args_and_extra) - 1 - len(run.cached)
         run.idx, run.cached = args_and_extra[n], tuple(args_and_extra[n + 1:])
         run.step, run.pruned, run.first_idx, run.entropies, run.deltas = 0, 0, None, [], []
+        plan = run.plan
+        if plan.select_entropy:  # the extra input is the entropy to rank: select here, once per block
+            run.idx = run.first_idx = entropy_indices(run.idx, plan.k, plan.rows,
+                                                      decider.policy.token.cfg == "shared")
         outs = self.fn(*args_and_extra[:n])
         outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
         first = (run.first_idx,) if run.first_idx is not None else ()
-        return (*outs, *[e for ents in run.entropies for e in ents], *first, *run.deltas)
+        decision = (self._decision(run),) if plan.measure is not None else ()
+        return (*outs, *[e for ents in run.entropies for e in ents], *first, *run.deltas, *decision)
+
+    def _decision(self, run: PlanRun) -> torch.Tensor:
+        """A measured block's scale decision, from its self-attention's entropy (``run.idx``: R(l))."""
+        sites = self.session.sites
+        ent = next(e for spec, ents in zip(run.specs, run.entropies)
+                   for sid, e in zip(spec.site_ids, ents) if sites[sid].kind == "self")
+        return decision_values(ent, run.idx, run.plan.measure)
 
     def try_call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         session = self.session
@@ -146,7 +162,11 @@ class PlannedBlockRunner:
             if outs is not None:
                 return True, outs
         idx = None
-        if plan.prunes and not plan.select_in_graph:
+        if plan.measure is not None:
+            idx = decider.layer_scores(plan.measure, x.device)
+        elif plan.select_entropy:
+            idx = decider.selection_entropy(plan.scale)  # ranked inside the graph
+        elif plan.prunes and not plan.select_in_graph:
             where = SimpleNamespace(scale=plan.scale, layer=plan.layer)  # the tick this block will get
             with record_function("toprovar.select_tokens"):
                 idx = decider._indices(x, plan.k, where)
@@ -169,13 +189,20 @@ class PlannedBlockRunner:
         tick = self._tick(plan)
         n = self.n_outputs
         extra = tuple(outs[n:])
+        if plan.measure is not None:
+            extra, decision = extra[:-1], extra[-1]
         deltas: tuple[Any, ...] = ()
         if plan.record_cache:
             n_kept = plan.actions.count("keep")
             extra, deltas = extra[:-n_kept], extra[-n_kept:]
-        if plan.select_in_graph and plan.prunes:
+        if plan.select_entropy:
+            ent, (extra, idx) = idx, (extra[:-1], extra[-1])
+            decider.remember_selection(ent, plan.k, plan.rows, idx)
+        elif plan.select_in_graph and plan.prunes:
             extra, idx = extra[:-1], extra[-1]
         apply_plan_effects(decider, plan, specs, extra, tick, idx, deltas)
+        if plan.measure is not None:
+            decider.measured(plan.measure, decision)
         return True, _own_outputs(outs, n, self.sequence)
 
     def _tick(self, plan: Any) -> Any:

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .decision_ops import DecisionSpec
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -42,6 +44,13 @@ class BlockPlan:
     # FastVAR's select_per: sublayer with frequency selection: each pruned branch selects from its
     # own input inside the graph (the dispatcher does the same at run time)
     select_in_graph: bool = False
+    # an entropy selection not made yet this scale: the graph takes the entropy it ranks (instead of
+    # the kept indices) and returns the indices it selected, which the next blocks take as input
+    select_entropy: bool = False
+    # the measured block of a deciding scale: every branch kept, and the scale decision's device work
+    # computed in the graph from its self-attention's entropy (an extra output; the layer scores R(l)
+    # are its extra input)
+    measure: DecisionSpec | None = None
     # restore.mode cached_scale: the cached scale's token grid and this scale's (None: identity)
     cached_hw: tuple[int, int] | None = None
     hw: tuple[int, int] | None = None
@@ -60,7 +69,8 @@ class BlockPlan:
     @property
     def signature(self) -> tuple[Any, ...]:
         """What the captured computation depends on beyond its inputs' shapes."""
-        return self.actions, self.select_in_graph, self.cached_hw, self.hw, self.record_cache
+        return (self.actions, self.select_in_graph, self.select_entropy, self.measure, self.cached_hw, self.hw,
+                self.record_cache)
 
 
 @dataclass
@@ -69,7 +79,9 @@ class PlanRun:
 
     plan: BlockPlan
     specs: tuple[Any, ...]  # the block's routed branches, in graph order (one per action)
-    idx: torch.Tensor | None = None  # kept positions [rows, k]; a graph's static buffer under capture
+    # the plan's input: kept positions [rows, k], or the entropy ranked (``select_entropy``), or the
+    # layer scores (``measure``); a graph's static buffer under capture
+    idx: torch.Tensor | None = None
     cached: tuple[torch.Tensor, ...] = ()  # per pruned branch, its cached-scale output (graph inputs)
     step: int = 0
     pruned: int = 0  # pruned branches run so far
@@ -82,11 +94,21 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
     """The plan of the next block (one graph call holding ``specs``), or None if it is not exact."""
     if not specs:
         return None
-    action = decider.next_block_action(1)
-    if action not in ("prune_tokens", "skip", "cache"):
-        return None  # each implies a resolved scale whose next block is in the same scale
+    action = decider.next_block_action(1, plannable=True)
+    if action not in ("prune_tokens", "skip", "cache", "measure"):
+        return None  # each implies a resolved scale
     clock, gen = decider.session.clock, decider.gen
-    scale, layer = clock.scale, clock.layer + 1
+    if action == "measure":  # may be the first block of the next scale
+        same = clock.layer + 1 < (clock.depth or 0)
+        scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
+        res = decider._resolve()
+        spec = decider.measure_spec(res, scale)
+        if spec is None:
+            return None
+        h, w = res.hw[scale]  # a next scale has not ticked yet; the call's input must match it
+        return BlockPlan(scale=scale, layer=layer, tokens=h * w, rows=gen.rows, k=0,
+                         actions=("keep",) * len(specs), measure=spec)
+    scale, layer = clock.scale, clock.layer + 1  # the others are in the running scale
     if action in ("skip", "cache"):  # skip: nothing selected, restored or recorded
         return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows, k=0,
                          actions=(action if action == "skip" else "keep",) * len(specs),
@@ -106,9 +128,13 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
                                             for spec, a in zip(specs, actions) if a == "prune_tokens"):
             return None  # the dispatcher reports the missing cache
         cached_hw, hw = tuple(decider.cached_hw), tuple(gen.hw[scale])
-    return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows,
-                     k=decider.cur.kept[layer], actions=actions, select_in_graph=in_graph,
-                     cached_hw=cached_hw, hw=hw)
+    k = decider.cur.kept[layer]
+    select_entropy = False
+    if per_block and tok.selection == "entropy":
+        ent = decider.selection_entropy(scale)
+        select_entropy = ent is not None and decider.cached_selection(ent, k, gen.rows) is None
+    return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows, k=k, actions=actions,
+                     select_in_graph=in_graph, select_entropy=select_entropy, cached_hw=cached_hw, hw=hw)
 
 
 def cached_inputs(decider: Any, plan: BlockPlan, specs: list[Any]) -> tuple[torch.Tensor, ...]:

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from .entropy_stats import low_entropy_ratio, per_image
+from .decision_ops import DecisionSpec, decision_values
 from .token_ops import (
     KeptTokens,
+    entropy_indices,
     frequency_indices,
     gather_tokens,
     restore_cached,
@@ -50,12 +51,9 @@ class PendingDecision:
     """A scale decision whose device values are on their way to the host."""
 
     res: Any  # the policy's scale refs it was launched with
-    acts: bool  # False: the policy cannot act at this scale (scale stage off, before min_start)
-    values: torch.Tensor | None  # host copy of [rho?, kept counts...] (None: nothing to read)
-    event: Any  # recorded after the copy (CUDA), or None
-    layers: list[int]
-    need_rho: bool
-    gated: bool
+    spec: DecisionSpec | None  # what was computed (None: the policy cannot act at this scale)
+    values: torch.Tensor | None = None  # host copy of [rho?, kept counts...] (None: nothing to read)
+    event: Any = None  # recorded after the copy (CUDA), or None
 
 
 class Decider:
@@ -80,6 +78,7 @@ class Decider:
         # the last entropy-driven selection (entropy tensor, k, rows, indices): the blocks of a scale
         # that share an entropy source and a kept count keep the same tokens, selected once
         self._selection: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
+        self._scores: tuple[tuple[int, ...], torch.Tensor] | None = None  # this generation's R(l) on the device
         # first_active_scale() of this generation, once known, is remembered as an int in
         # ``session.dense_until`` (-1: not yet; reset at start_generation). Not a reference to the
         # generation's state: that would keep its lent entropies, so their graphs could not replay.
@@ -93,6 +92,7 @@ class Decider:
         self.cache.clear()
         self.cached_hw = None
         self._selection = None
+        self._scores = None
 
     def _resolve(self) -> Any | None:
         """The policy's scale refs for the running schedule; None (= dense) if the policy does not fit."""
@@ -119,11 +119,11 @@ class Decider:
             self.cur = ScaleDecisions(tick.scale)
             self.latest_full = None
 
-    def keeps_all_next(self, self_sites: int, mixed: bool = False) -> bool:
+    def keeps_all_next(self, self_sites: int, mixed: bool = False, plannable: bool = False) -> bool:
         """Whether the next graph call surely keeps every branch, so its dense variant may run."""
-        return self.next_block_action(self_sites, mixed) == "keep"
+        return self.next_block_action(self_sites, mixed, plannable) == "keep"
 
-    def next_block_action(self, self_sites: int, mixed: bool = False) -> str | None:
+    def next_block_action(self, self_sites: int, mixed: bool = False, plannable: bool = False) -> str | None:
         """What the dispatcher will do to every branch of the next call of a graph holding
         ``self_sites`` self-attentions: ``keep``, ``prune_tokens`` (a Detail layer of a decided,
         active scale that keeps fewer than all tokens), ``cache`` (a kept block of the scale
@@ -132,6 +132,9 @@ class Decider:
         mixed).
         ``mixed``: the graph ends the running block and starts the next (a block split over
         graphs); only whole scales before the policy acts are known for it.
+        ``plannable``: the graph can run as a planned block; then the measured block of a scale
+        whose decision computes something is ``measure`` (kept, and the decision's device work
+        computed in its graph) instead of ``keep``.
 
         ``keep`` when the call cannot reach a scale the policy acts on (``first_active_scale``),
         and, for a one-block graph, when this generation's decisions so far say the next block is
@@ -163,18 +166,19 @@ class Decider:
             return None
         if res.reuse_cond_from is not None and scale >= res.reuse_cond_from:
             return None
-        action = self._block_action(res, scale, layer, same)
+        action = self._block_action(res, scale, layer, same, plannable)
         if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
             # the dispatcher keeps the branch outputs of a kept block here: the dense variant
             # cannot, a planned block can (``cache``); anything else at this scale is its own
             return "cache" if action == "keep" and same else None
         return action
 
-    def _block_action(self, res, scale: int, layer: int, same: bool) -> str | None:
+    def _block_action(self, res, scale: int, layer: int, same: bool, plannable: bool = False) -> str | None:
         """``next_block_action`` for a one-block graph once the scale-level cases are settled."""
         pol, gen = self.policy, self.gen
         if self._needs_entropy and layer <= pol.scale.measure_layer:
-            return "keep"
+            measures = plannable and layer == pol.scale.measure_layer and self.measure_spec(res, scale) is not None
+            return "measure" if measures else "keep"
         cur = self.cur
         if not same or cur is None or cur.scale != scale:
             return None
@@ -201,7 +205,7 @@ class Decider:
         synchronisation per pruned scale: on the H200 the GPU idled about 1-2 ms at each)."""
         pol, gen = self.policy, self.gen
         if not gen.layer_classes and pol.layer.mode != "online" and self.tick is not None:
-            self._maybe_classify(res, self.tick)  # fixed classes: known without entropy
+            self._maybe_classify(res, self.tick.scale)  # fixed classes: known without entropy
         if not gen.layer_classes:
             return False
         depth = self.session.clock.depth or 0
@@ -240,7 +244,7 @@ class Decider:
             return False
         if not gen.layer_classes:
             with record_function("toprovar.layer_svd"):
-                self._maybe_classify(res, tick)
+                self._maybe_classify(res, tick.scale)
         with record_function("toprovar.decide_scale"):
             self._decide_scale(res, tick)
         return True
@@ -507,7 +511,7 @@ class Decider:
             return "skip", None
         if not self.gen.layer_classes:
             with record_function("toprovar.layer_svd"):
-                self._maybe_classify(res, tick)
+                self._maybe_classify(res, tick.scale)
         cur = self.cur
         if self._needs_entropy and tick.layer <= self.policy.scale.measure_layer:
             return "keep", None  # the scale's decisions wait for the measured layer's entropy
@@ -570,12 +574,13 @@ class Decider:
         idx = dec.kept_idx.get(spec.kind)
         return ("prune_tokens", idx) if idx is not None else ("keep", None)
 
-    def _maybe_classify(self, res, tick) -> None:
+    def _maybe_classify(self, res, scale: int) -> None:
+        """Classify the layers for a decision at ``scale`` (or a later one), if not done yet."""
         gen = self.gen
         lay = self.policy.layer
         if gen.layer_classes or self.policy.scale.mode == "off":
             return
-        if lay.mode == "online" and tick.scale <= res.representative:
+        if lay.mode == "online" and scale <= res.representative:
             return  # online classes need the representative scale's entropy maps
         depth = self.session.clock.depth or 0
         if lay.mode == "off":
@@ -618,25 +623,77 @@ class Decider:
 
     def _launch_decision(self, res, tick) -> None:
         """Queue the scale decision's device work and its copy to the host (``cur.pending``)."""
-        cur, gen, pol = self.cur, self.gen, self.policy
         s = tick.scale
+        ent = self.gen.entropy.get((s, self.policy.scale.measure_layer))
+        spec = self._decision_spec(res, s, ent is not None)
+        dev = None
+        if spec is not None and spec.computes:
+            dev = decision_values(ent, self.layer_scores(spec, ent.device), spec)
+        self.cur.pending = self._pending(res, spec, dev)
+
+    def _decision_spec(self, res, s: int, has_entropy: bool) -> DecisionSpec | None:
+        """What scale ``s``'s decision computes from the measured entropy (None: the policy cannot
+        act at ``s``: scale stage off, or before min_start while D is unknown)."""
+        pol, gen = self.policy, self.gen
         if pol.scale.mode == "off" or (gen.start_scale is None and s < res.min_start):
-            cur.pending = PendingDecision(res, False, None, None, [], False, False)
-            return
-        ent = gen.entropy.get((s, pol.scale.measure_layer))
-        depth = self.session.clock.depth or 0
+            return None
+        tok = pol.token
         need_rho = (gen.start_scale is None and pol.scale.criterion == "rho" and s < res.max_start
-                    and ent is not None)
-        gated = res.ratios is None and ent is not None
-        pending, layers = [], []
-        if need_rho:
-            pending.append(low_entropy_ratio(ent).view(1))
-        if gated:
-            layers, counts = self._kept_counts(ent, res, s, depth)
-            pending.append(counts.round())
+                    and has_entropy)
+        layers: tuple[int, ...] = ()
+        if res.ratios is None and has_entropy:
+            depth = self.session.clock.depth or 0
+            layers = tuple(lay for lay in range(depth) if gen.layer_classes.get(lay) == "detail") or tuple(range(depth))
+        phi = (s + 1) / res.num_scales if tok.phi == "linear" else 1.0
+        return DecisionSpec(need_rho=need_rho, layers=layers, shared=tok.cfg == "shared",
+                            mean_norm=tok.normalization == "mean", phi=phi,
+                            alpha_min=tok.alpha_min, alpha_max=tok.alpha_max)
+
+    def measure_spec(self, res, scale: int) -> DecisionSpec | None:
+        """The decision a planned measured block of ``scale`` computes in its graph, or None when
+        that block runs as any kept block (no device work to do, nothing to decide, decided or
+        launched already, layer classes unknown, a test override, or the cached scale)."""
+        cur, gen, pol = self.cur, self.gen, self.policy
+        if self.override is not None or scale == 0 or (cur is not None and cur.scale == scale
+                                                       and (cur.decided or cur.pending is not None)):
+            return None
+        if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
+            return None
+        if not gen.layer_classes:
+            with record_function("toprovar.layer_svd"):
+                self._maybe_classify(res, scale)
+        if not gen.layer_classes and res.ratios is None:
+            return None  # online classes not known yet: the dispatcher classifies first
+        spec = self._decision_spec(res, scale, True)
+        return spec if spec is not None and spec.computes else None
+
+    def measured(self, spec: DecisionSpec, values: torch.Tensor) -> None:
+        """A planned measured block computed its scale's decision ``values`` in its graph (after
+        its tick): they go to the host as ``_launch_decision``'s would."""
+        cur = self.cur
+        if cur is not None and cur.pending is None and not cur.decided:
+            cur.pending = self._pending(self._resolve(), spec, values)
+
+    def layer_scores(self, spec: DecisionSpec, device: torch.device) -> torch.Tensor | None:
+        """R(l) of ``spec.layers`` on ``device``: made once per generation (the classes are fixed
+        per generation), so a graph taking it as input copies it once."""
+        if not spec.gated:
+            return None
+        cached = self._scores
+        if cached is not None and cached[0] == spec.layers and cached[1].device == device:
+            return cached[1]
+        r = torch.tensor([self.gen.layer_scores.get(lay, 1.0) for lay in spec.layers], dtype=torch.float32)
+        # pinned and non-blocking: a plain host-to-device copy waits for the whole stream, which
+        # made this line the scale decision's real synchronisation (H200 host profile)
+        r = r.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else r.to(device)
+        self._scores = (spec.layers, r)
+        return r
+
+    @staticmethod
+    def _pending(res, spec: DecisionSpec | None, dev: torch.Tensor | None) -> PendingDecision:
+        """The decision's device ``values`` on their way to the host (pinned, non-blocking)."""
         values, event = None, None
-        if pending:
-            dev = torch.cat(pending).float()
+        if dev is not None:
             if dev.is_cuda:
                 values = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
                 values.copy_(dev, non_blocking=True)
@@ -644,19 +701,20 @@ class Decider:
                 event.record()
             else:
                 values = dev
-        cur.pending = PendingDecision(res, True, values, event, layers, need_rho, gated)
+        return PendingDecision(res, spec, values, event)
 
     def _finish_decision(self) -> None:
         """Read the pending decision's values (waiting only for its own device work) and apply them."""
         cur, gen, pol = self.cur, self.gen, self.policy
         pend, cur.pending = cur.pending, None
         cur.decided = True
-        if not pend.acts:
+        spec = pend.spec
+        if spec is None:
             return
         if pend.event is not None:
             pend.event.synchronize()
         values = pend.values.tolist() if pend.values is not None else []
-        res, need_rho, gated, layers = pend.res, pend.need_rho, pend.gated, pend.layers
+        res, need_rho, gated, layers = pend.res, spec.need_rho, spec.gated, spec.layers
         s = cur.scale
         n = gen.tokens[s]
         depth = self.session.clock.depth or 0
@@ -683,21 +741,6 @@ class Decider:
             k = max(int(c), math.ceil(tok.min_keep_ratio * n))
             cur.kept[lay] = min(n, -(-k // tok.bucket) * tok.bucket)
 
-    def _kept_counts(self, ent, res, s: int, depth: int) -> tuple[list[int], torch.Tensor]:
-        """Per prunable layer, ``sum_i P_keep(i)`` (the largest over the images), on the device."""
-        tok, gen = self.policy.token, self.gen
-        h = per_image(ent) if tok.cfg == "shared" else ent.float()  # [images or rows, L]
-        hhat = h / (h.mean(-1, keepdim=True) if tok.normalization == "mean" else h.sum(-1, keepdim=True))
-        phi = (s + 1) / res.num_scales if tok.phi == "linear" else 1.0
-        layers = [lay for lay in range(depth) if gen.layer_classes.get(lay) == "detail"] or list(range(depth))
-        r = torch.tensor([gen.layer_scores.get(lay, 1.0) for lay in layers], dtype=torch.float32)
-        # pinned and non-blocking: a plain host-to-device copy waits for the whole stream, which
-        # made this line the scale decision's real synchronisation (H200 host profile)
-        r = r.pin_memory().to(h.device, non_blocking=True) if h.is_cuda else r
-        q = phi * r.view(-1, *([1] * hhat.dim())) * hhat.unsqueeze(0)
-        p_keep = 1 - (tok.alpha_min + (tok.alpha_max - tok.alpha_min) * q).clamp(0, 1)
-        return layers, p_keep.sum(-1).reshape(len(layers), -1).amax(-1)
-
     def _indices(self, x: torch.Tensor, k: int, tick) -> torch.Tensor:
         """Kept token positions ``[rows, k]``, sorted ascending."""
         tok = self.policy.token
@@ -707,17 +750,27 @@ class Decider:
         if tok.selection == "random":
             g = torch.Generator(device="cpu").manual_seed(tok.seed * 100003 + tick.scale * 1009 + tick.layer)
             return torch.randperm(n, generator=g)[:k].to(x.device).expand(rows, k).sort(dim=1).values
-        measured = self.gen.entropy.get((tick.scale, self.policy.scale.measure_layer))
-        latest = tok.entropy_source == "latest_full" and self.latest_full is not None
-        ent = self.latest_full if latest else measured
-        last = self._selection
-        if last is not None and last[0] is ent and last[1:3] == (k, rows):
-            return last[3]  # ~5 launches and their host time saved per pruned block
-        if tok.cfg == "shared":
-            idx = per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
-            idx = idx.repeat(rows // idx.shape[0], 1) if rows % idx.shape[0] == 0 else idx[:1].expand(rows, k)
-        else:
-            idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
-        idx = idx.sort(dim=1).values
-        self._selection = (ent, k, rows, idx)
+        ent = self.selection_entropy(tick.scale)
+        idx = self.cached_selection(ent, k, rows)
+        if idx is not None:
+            return idx  # ~5 launches and their host time saved per pruned block
+        idx = entropy_indices(ent, k, rows, tok.cfg == "shared")
+        self.remember_selection(ent, k, rows, idx)
         return idx
+
+    def selection_entropy(self, scale: int) -> torch.Tensor | None:
+        """The entropy ``[rows, N]`` an entropy selection ranks at ``scale`` now (``token.entropy_source``)."""
+        if self.policy.token.entropy_source == "latest_full" and self.latest_full is not None:
+            return self.latest_full
+        return self.gen.entropy.get((scale, self.policy.scale.measure_layer))
+
+    def cached_selection(self, ent: torch.Tensor | None, k: int, rows: int) -> torch.Tensor | None:
+        """The kept positions already selected from ``ent`` for ``k`` and ``rows``, if any: the blocks
+        of a scale that share an entropy source and a kept count keep the same tokens."""
+        last = self._selection
+        if last is not None and last[0] is ent and last[1] == k and last[2] == rows:
+            return last[3]
+        return None
+
+    def remember_selection(self, ent: torch.Tensor, k: int, rows: int, idx: torch.Tensor) -> None:
+        self._selection = (ent, k, rows, idx)

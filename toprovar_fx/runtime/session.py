@@ -205,9 +205,10 @@ class Session:
         log.info("toprovar: lending CUDA-graph outputs from generation %d on (1-based; %d graphs to capture again)",
                  prev.index + 2, dropped)
 
-    def dense_ahead(self, self_sites: int = 1, mixed: bool = False) -> bool:
+    def dense_ahead(self, self_sites: int = 1, mixed: bool = False, plannable: bool = False) -> bool:
         """Whether the next call of a graph holding ``self_sites`` self-attentions surely keeps
-        every branch (prune mode; ``Decider.keeps_all_next``). Unknown is False."""
+        every branch and computes nothing else (prune mode; ``Decider.keeps_all_next``; a
+        ``plannable`` graph's measured block computes its scale's decision). Unknown is False."""
         if self_sites <= 1 and self.clock.scale + 1 < self.dense_until:
             return True  # before the first active scale (``Decider.first_active_scale``, remembered here)
         decider = self.decider
@@ -215,7 +216,7 @@ class Session:
             return True
         if self.clock.generation < 0 or self.gen is None:
             return False
-        return decider.keeps_all_next(self_sites, mixed)
+        return decider.keeps_all_next(self_sites, mixed, plannable)
 
     def _policy_mismatch(self, message: str) -> None:
         """The policy does not fit what runs: raise (strict / on_mismatch: error) or go dense."""

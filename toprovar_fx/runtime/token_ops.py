@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .entropy_stats import per_image
+
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """Rows ``idx [rows, k]`` of ``t`` along token dimension ``dim``; batch dim may broadcast (1)."""
@@ -26,6 +28,17 @@ def frequency_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """FastVAR's selection: per row, the ``k`` tokens farthest from the mean token, sorted ``[rows, k]``."""
     dist = (x - x.mean(1, keepdim=True)).pow(2).sum(-1)
     return dist.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def entropy_indices(ent: torch.Tensor, k: int, rows: int, shared: bool) -> torch.Tensor:
+    """ToProVAR's selection: per row, the ``k`` lowest-entropy tokens of ``ent [rows', N]``, sorted
+    ``[rows, k]``; ``shared``: one set per image (``per_image``), repeated over its CFG rows."""
+    if shared:
+        idx = per_image(ent).topk(k, dim=-1, largest=False).indices  # [images, k]
+        idx = idx.repeat(rows // idx.shape[0], 1) if rows % idx.shape[0] == 0 else idx[:1].expand(rows, k)
+    else:
+        idx = ent.float()[:rows].topk(k, dim=1, largest=False).indices
+    return idx.sort(dim=1).values
 
 
 def restore_identity(x: torch.Tensor, idx: torch.Tensor, delta_kept: torch.Tensor) -> torch.Tensor:
