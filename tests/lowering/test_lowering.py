@@ -16,6 +16,7 @@ import toprovar_fx
 from tests.backend.helpers import max_rel_diff, model, sampler_call
 from toprovar_fx.lowering import cuda_graphs, runners
 from toprovar_fx.lowering.cuda_graphs import CudaGraphCache, mutates_inputs
+from toprovar_fx.policies import load_policy
 from toprovar_fx.runtime.session import Session, last_session
 
 
@@ -802,16 +803,12 @@ def test_graphs_lending_from_their_groups_pools_keep_the_shared_pool_alive():
 
 def _skip_after_d(name: str) -> dict:
     """``name``'s policy as a scale stage: D fixed at min_start_scale, every later scale skipped."""
-    from toprovar_fx.policies import load_policy
-
     return load_policy(name).derive(f"{name}-test-skip-after-d",
                                     {"scale": {"mode": "skip_after_D", "criterion": "fixed"}})
 
 
 def _cached_restore(name: str) -> dict:
     """``name``'s entropy policy with FastVAR's restoration from the scale before its earliest D."""
-    from toprovar_fx.policies import load_policy
-
     return load_policy(name).derive(f"{name}-test-cached-restore",
                                     {"restore": {"mode": "cached_scale", "cached_scale": -4}})
 
@@ -1021,6 +1018,53 @@ def _stand_in_graphs(monkeypatch) -> tuple[_FakeGraphAPI, list[CudaGraphCache]]:
     monkeypatch.setattr(backend, "CudaGraphCache", cache)
     monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
     return api, made
+
+
+class _NoReferenceGraphAPI(_FakeGraphAPI):
+    """A stand-in that, like a real CUDA graph, keeps no reference to what it was captured with:
+    capture runs the function once, replay does nothing (outputs keep their capture values). The
+    values are meaningless; the reference counts that decide whether a lent output is free are
+    those of a GPU run (``_FakeGraphAPI``'s replays rerun the function, so they keep its inputs)."""
+
+    class CUDAGraph(_FakeGraphAPI.CUDAGraph):
+        def replay(self) -> None:
+            pass
+
+    record_replay = None
+
+
+@pytest.mark.parametrize("name,policy", [("infinity-tiny", "fastest"), ("infinity-tiny", "frozen-classes"),
+                                         ("var-tiny", None)])
+def test_lent_outputs_are_free_again_when_replays_keep_no_reference(monkeypatch, name, policy):
+    """Every graph replays once lending started, also when the capture itself holds nothing: no
+    alias of a borrowed input may outlive the capture's count of the references it keeps (the
+    cuBLAS primer's tensor, a planned block's kept indices), or the lender waits for it forever."""
+    import toprovar_fx.backend as backend
+
+    api = _NoReferenceGraphAPI()
+
+    def cache(fn, static, max_bytes, name="graph", pool=None, lend=False, guarded=None):
+        return CudaGraphCache(fn, static, max_bytes, name=name, api=api, device_type="cpu", pool=pool, lend=lend,
+                              guarded=guarded)
+
+    monkeypatch.setattr(backend, "CudaGraphCache", cache)
+    monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    opts: dict[str, Any] = {"policy": name, "inductor": False, "cuda_graph_lend_outputs": True}
+    if policy == "fastest":
+        opts["preset"] = "fastest"
+    elif policy == "frozen-classes":  # Global layers before the Detail ones: the selection's entropy is lent
+        opts["policy"] = load_policy(name).derive(f"{name}-test-frozen", {
+            "layer": {"mode": "frozen", "frozen": {"global": [0, 1], "detail": [2, 3]}},
+            "scale": {"criterion": "fixed", "min_start_scale": -3, "max_start_scale": -3, "measure_layer": 0}})
+    torch._dynamo.reset()
+    call = sampler_call(name, 1)
+    fast = torch.compile(model(name).autoregressive_infer_cfg, backend="toprovar", options=opts)
+    for _ in range(5):
+        call(fast)
+    pool = last_session().graph_pool()
+    rep = toprovar_fx.last_generation()
+    assert pool.lending and rep.graph_replays > 0 and last_session().planned_calls > 0
+    assert pool.busy_by == {}
 
 
 def _busy(caches: list[CudaGraphCache]) -> int:

@@ -133,10 +133,17 @@ class PlannedBlockRunner:
         if plan.select_entropy:  # the extra input is the entropy to rank: select here, once per block
             run.idx = run.first_idx = entropy_indices(run.idx, plan.k, plan.rows,
                                                       decider.policy.token.cfg == "shared")
-        outs = self.fn(*args_and_extra[:n])
-        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        try:
+            outs = self.fn(*args_and_extra[:n])
+            outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+            decision = (self._decision(run),) if plan.measure is not None else ()
+        finally:
+            # Not held past the call: under a CUDA-graph capture these are aliases of other graphs'
+            # lent outputs, and one still alive when the capture counts the references it leaves
+            # behind (``CudaGraphCache._capture``) makes the lender look held once it is let go:
+            # the lender then never replays, nor does any graph reading its outputs in place
+            run.idx, run.cached = None, ()
         first = (run.first_idx,) if run.first_idx is not None else ()
-        decision = (self._decision(run),) if plan.measure is not None else ()
         return (*outs, *[e for ents in run.entropies for e in ents], *first, *run.deltas, *decision)
 
     def _decision(self, run: PlanRun) -> torch.Tensor:
