@@ -126,7 +126,7 @@ class PlannedBlockRunner:
         the cached scale."""
         decider = self.session.decider
         run = decider.plan_run
-        n = len(args_and_extra) - 1 - len(run.cached)
+        n = len(args_and_extra) - 1 - run.n_cached
         run.idx, run.cached = args_and_extra[n], tuple(args_and_extra[n + 1:])
         run.step, run.pruned, run.first_idx, run.entropies, run.deltas = 0, 0, None, [], []
         plan = run.plan

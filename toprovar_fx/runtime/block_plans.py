@@ -83,11 +83,15 @@ class PlanRun:
     # layer scores (``measure``); a graph's static buffer under capture
     idx: torch.Tensor | None = None
     cached: tuple[torch.Tensor, ...] = ()  # per pruned branch, its cached-scale output (graph inputs)
+    n_cached: int = field(init=False)  # how many: ``cached`` itself is let go after each call of the graph
     step: int = 0
     pruned: int = 0  # pruned branches run so far
     first_idx: torch.Tensor | None = None  # the block's first in-graph selection (returned by the graph)
     entropies: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     deltas: list[torch.Tensor] = field(default_factory=list)  # kept branches' outputs (record_cache)
+
+    def __post_init__(self) -> None:
+        self.n_cached = len(self.cached)
 
 
 def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
