@@ -168,22 +168,22 @@ class PlannedBlockRunner:
             outs = self._skipped(plan, specs, args)
             if outs is not None:
                 return True, outs
-        idx = None
+        given = None  # the plan's own input (``PlanRun.idx``)
         if plan.measure is not None:
-            idx = decider.layer_scores(plan.measure, x.device)
+            given = decider.layer_scores(plan.measure, x.device)
         elif plan.select_entropy:
-            idx = decider.selection_entropy(plan.scale)  # ranked inside the graph
+            given = decider.selection_entropy(plan.scale)  # ranked inside the graph
         elif plan.prunes and not plan.select_in_graph:
             where = SimpleNamespace(scale=plan.scale, layer=plan.layer)  # the tick this block will get
             with record_function("toprovar.select_tokens"):
-                idx = decider._indices(x, plan.k, where)
+                given = decider._indices(x, plan.k, where)
         cached = cached_inputs(decider, plan, specs)
         fn = self.by_signature.get(plan.signature)
         if fn is None:
             fn = self.by_signature[plan.signature] = self.wrap(self._planned_fn, 1 + len(cached))
         decider.plan_run = PlanRun(plan, specs=tuple(specs), cached=cached)
         try:
-            outs = fn(*args, idx, *cached)
+            outs = fn(*args, given, *cached)
         except Exception as err:  # noqa: BLE001 - nothing happened yet: the dispatcher runs the block
             if session.settings.strict:
                 raise
@@ -202,9 +202,10 @@ class PlannedBlockRunner:
         if plan.record_cache:
             n_kept = plan.actions.count("keep")
             extra, deltas = extra[:-n_kept], extra[-n_kept:]
+        idx = given if plan.prunes else None  # the kept positions (a measured block prunes nothing)
         if plan.select_entropy:
-            ent, (extra, idx) = idx, (extra[:-1], extra[-1])
-            decider.remember_selection(ent, plan.k, plan.rows, idx)
+            extra, idx = extra[:-1], extra[-1]
+            decider.remember_selection(given, plan.k, plan.rows, idx)
         elif plan.select_in_graph and plan.prunes:
             extra, idx = extra[:-1], extra[-1]
         apply_plan_effects(decider, plan, specs, extra, tick, idx, deltas)

@@ -103,8 +103,7 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
         return None  # each implies a resolved scale
     clock, gen = decider.session.clock, decider.gen
     if action == "measure":  # may be the first block of the next scale
-        same = clock.layer + 1 < (clock.depth or 0)
-        scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
+        scale, layer, _ = clock.next_block()
         res = decider._resolve()
         spec = decider.measure_spec(res, scale)
         if spec is None:

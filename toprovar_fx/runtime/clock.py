@@ -93,6 +93,13 @@ class ScaleClock:
             self._match_schedules()
         return Tick(self.generation, self.scale, self.layer, tokens, new_gen, new_scale)
 
+    def next_block(self) -> tuple[int, int, bool]:
+        """``(scale, layer, same)`` of the block after the current one (``same``: in the running
+        scale; else the next scale's first). Precondition: ``depth`` is known."""
+        if self.layer + 1 < self.depth:
+            return self.scale, self.layer + 1, True
+        return self.scale + 1, 0, False
+
     def expected_self_keys(self, tokens: int) -> int:
         """Keys a self-attention of ``tokens`` queries sees if it is the next tick: every token so far."""
         if self.tokens is None or tokens < self.tokens:

@@ -156,8 +156,7 @@ class Decider:
         if self_sites == 0:  # part of a block split over graphs: its branches belong to the current block
             same, scale, layer = True, clock.scale, clock.layer
         else:
-            same = clock.layer + 1 < depth
-            scale, layer = (clock.scale, clock.layer + 1) if same else (clock.scale + 1, 0)
+            scale, layer, same = clock.next_block()
         res = self._resolve()
         if same and scale in gen.skipped:
             return "skip"  # the rest of a scale whose first block the dispatcher skipped
