@@ -79,6 +79,8 @@ class Decider:
         # that share an entropy source and a kept count keep the same tokens, selected once
         self._selection: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
         self._scores: tuple[tuple[int, ...], torch.Tensor] | None = None  # this generation's R(l) on the device
+        # the last next_block_action ((self_sites, mixed, plannable), answer) since the clock's last tick
+        self._predicted: tuple[tuple[int, bool, bool], str | None] | None = None
         # first_active_scale() of this generation, once known, is remembered as an int in
         # ``session.dense_until`` (-1: not yet; reset at start_generation). Not a reference to the
         # generation's state: that would keep its lent entropies, so their graphs could not replay.
@@ -113,6 +115,7 @@ class Decider:
     def on_tick(self, tick: Any) -> None:
         """Every self-attention tick of the session, from either variant of a graph."""
         self.tick = tick
+        self._predicted = None
         if self.cur is None or self.cur.scale != tick.scale or tick.new_generation:
             if self.cur is not None and self.cur.pending is not None and not tick.new_generation:
                 self._finish_decision()  # launched for a scale that ended before needing it
@@ -142,7 +145,20 @@ class Decider:
         CFG-reusing, or a block of an already decided scale that is inactive, or whose layer is
         kept (not eligible, a keep class, or keeping every token). The prediction uses only what
         the dispatcher variant would consult, so both variants compute the same thing.
+
+        Asked twice per planned call (``dense_ahead``, then ``plan_next_block``) with the same
+        arguments: the second answer is the first's, kept until the clock ticks (``on_tick``).
         """
+        key = (self_sites, mixed, plannable)
+        known = self._predicted
+        if known is not None and known[0] == key:
+            return known[1]
+        action = self._predict(self_sites, mixed, plannable)
+        self._predicted = (key, action)
+        return action
+
+    def _predict(self, self_sites: int, mixed: bool, plannable: bool) -> str | None:
+        """``next_block_action`` computed."""
         first = self.first_active_scale()
         if first is None:
             return None
@@ -242,8 +258,7 @@ class Decider:
         if not self._can_decide_ahead():
             return False
         if not gen.layer_classes:
-            with record_function("toprovar.layer_svd"):
-                self._maybe_classify(res, tick.scale)
+            self._maybe_classify(res, tick.scale)
         with record_function("toprovar.decide_scale"):
             self._decide_scale(res, tick)
         return True
@@ -509,8 +524,7 @@ class Decider:
         if self._scale_skipped(res, tick.scale):
             return "skip", None
         if not self.gen.layer_classes:
-            with record_function("toprovar.layer_svd"):
-                self._maybe_classify(res, tick.scale)
+            self._maybe_classify(res, tick.scale)
         cur = self.cur
         if self._needs_entropy and tick.layer <= self.policy.scale.measure_layer:
             return "keep", None  # the scale's decisions wait for the measured layer's entropy
@@ -592,6 +606,12 @@ class Decider:
                 d = layer in detail
                 gen.layer_classes[layer], gen.layer_scores[layer] = ("detail", 1.0) if d else ("global", 0.0)
             return
+        with record_function("toprovar.layer_svd"):  # the only part with device work
+            self._classify_online(res)
+
+    def _classify_online(self, res) -> None:
+        """Layer classes from an SVD of each layer's entropy map at the representative scale."""
+        gen, lay = self.gen, self.policy.layer
         h, w = gen.hw[res.representative]
         maps = []
         layers = sorted(layer for (s, layer) in gen.entropy if s == res.representative)
@@ -659,8 +679,7 @@ class Decider:
         if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
             return None
         if not gen.layer_classes:
-            with record_function("toprovar.layer_svd"):
-                self._maybe_classify(res, scale)
+            self._maybe_classify(res, scale)
         if not gen.layer_classes and res.ratios is None:
             return None  # online classes not known yet: the dispatcher classifies first
         spec = self._decision_spec(res, scale, True)
