@@ -294,6 +294,9 @@ class Generation:
     wall_ms: float
     segments_ms: list[float] | None  # one per scale, then the decode tail; None if marks != scales
     marks: int
+    # per mark (every scale end, then the sampler's return): how long before the GPU reached it the
+    # host had queued it; ~0 where the GPU waited for the host. CUDA only, None if marks != scales
+    lead_ms: list[float] | None = None
     kv_bytes: int | None = None
     output: Any = None  # what the sampler returned (the images)
     logits: list[torch.Tensor] = field(default_factory=list)  # per scale (CPU fp32), when captured
@@ -367,16 +370,21 @@ class ScaleMarks:
 
     def end(self, wall_ms: float) -> Generation:
         """After ``finish`` and a synchronisation: the generation's per-scale segments."""
+        host = [1e3 * (t - self._host[0]) for t in self._host]
+        lead = None
         if self.cuda:
             self._events[-1].synchronize()
+            # the first event is recorded on an idle, synchronised stream: both clocks start together
             stamps = [0.0] + [self._events[0].elapsed_time(e) for e in self._events[1:]]
+            lead = [g - h for g, h in zip(stamps[1:], host[1:])]
         else:
-            stamps = [1e3 * (t - self._host[0]) for t in self._host]
+            stamps = host
         marks = len(stamps) - 2
-        segments = [b - a for a, b in zip(stamps, stamps[1:])] if marks == self.num_scales else None
+        whole = marks == self.num_scales
+        segments = [b - a for a, b in zip(stamps, stamps[1:])] if whole else None
         self._profiling = self._capture_kv = self._capture_logits = False
         return Generation(wall_ms=wall_ms, segments_ms=segments, marks=marks, kv_bytes=self._kv,
-                          logits=self.logits)
+                          logits=self.logits, lead_ms=lead if whole else None)
 
 
 def run_generation(fn: Callable[..., Any], call: Callable[[Callable[..., Any]], Any], marks: ScaleMarks,
@@ -455,6 +463,7 @@ class VariantRun:
     warmup_ms: list[float] = field(default_factory=list)
     times_ms: list[float] = field(default_factory=list)
     segments_ms: list[list[float]] = field(default_factory=list)  # per timed run
+    lead_ms: list[list[float]] = field(default_factory=list)  # per timed run (``Generation.lead_ms``)
     mark_counts: list[int] = field(default_factory=list)
     dynamo_frames_timed: int = 0
     toprovar_compiles_timed: int = 0
@@ -515,9 +524,10 @@ class VariantRun:
         return statistics.median(self.times_ms) if self.times_ms else None
 
     def segment_medians(self) -> list[float] | None:
-        if not self.segments_ms:
-            return None
-        return [statistics.median(col) for col in zip(*self.segments_ms)]
+        return _column_medians(self.segments_ms)
+
+    def lead_medians(self) -> list[float] | None:
+        return _column_medians(self.lead_ms)
 
     def to_dict(self) -> dict[str, Any]:
         # not asdict(self): it would deep-copy ``fn`` (a bound method of the model)
@@ -526,7 +536,7 @@ class VariantRun:
                  definition=self.variant.definition, options=_jsonable(self.variant.options),
                  compile_kwargs=dict(self.variant.compile_kwargs), median_ms=self.median_ms(),
                  min_ms=min(self.times_ms) if self.times_ms else None,
-                 segment_medians_ms=self.segment_medians())
+                 segment_medians_ms=self.segment_medians(), lead_medians_ms=self.lead_medians())
         return d
 
 
@@ -800,6 +810,8 @@ def timed_phase(b: Bench) -> None:
             run.mark_counts.append(g.marks)
             if g.segments_ms is not None:
                 run.segments_ms.append(g.segments_ms)
+            if g.lead_ms is not None:
+                run.lead_ms.append(g.lead_ms)
             if run.variant.kind == "toprovar":
                 rep = toprovar_fx.last_generation()
                 run.toprovar_compiles_timed += rep.compiles if rep is not None else 0
@@ -1108,6 +1120,7 @@ def analyse(b: Bench) -> dict[str, Any]:
     compiled = [key for key in ("inductor", "cudagraphs") if med.get(key) is not None]
     best_compiled = min(compiled, key=lambda key: med[key]) if compiled else None
     seg = {key: r.segment_medians() for key, r in runs.items()}
+    lead = {key: r.lead_medians() for key, r in runs.items()}
     dense_last2 = {key: _last_two(seg.get(key), k) for key in dense_keys if seg.get(key) is not None}
     best_dense_last2 = min(dense_last2, key=dense_last2.get) if dense_last2 else None
 
@@ -1136,11 +1149,13 @@ def analyse(b: Bench) -> dict[str, Any]:
 
     per_scale = []
     for i, (h, w) in enumerate(b.schedule):
-        entry: dict[str, Any] = {"index": i, "h": h, "w": w, "tokens": h * w, "wall_ms": {}, "launches": {},
-                                 "busy_ms": {}, "flop_ratio": {}}
+        entry: dict[str, Any] = {"index": i, "h": h, "w": w, "tokens": h * w, "wall_ms": {}, "lead_ms": {},
+                                 "launches": {}, "busy_ms": {}, "flop_ratio": {}}
         for key, r in runs.items():
             if seg.get(key):
                 entry["wall_ms"][key] = seg[key][i]
+            if lead.get(key):
+                entry["lead_ms"][key] = lead[key][i]
             prof = r.profile or {}
             if prof.get("launches"):
                 entry["launches"][key] = prof["launches"][i]
@@ -1151,6 +1166,7 @@ def analyse(b: Bench) -> dict[str, Any]:
                 entry["flop_ratio"][key] = _ratio(scales[i]["flops_executed"], scales[i]["flops_dense"])
         per_scale.append(entry)
     tail = {"wall_ms": {key: s[k] for key, s in seg.items() if s},
+            "lead_ms": {key: s[k] for key, s in lead.items() if s},
             "launches": {key: r.profile["launches"][k] for key, r in runs.items()
                          if r.profile and r.profile.get("launches")},
             "busy_ms": {key: r.profile["busy_ms"][k] for key, r in runs.items()
@@ -1163,6 +1179,11 @@ def analyse(b: Bench) -> dict[str, Any]:
         "decode": tail,
         "targets": targets(b, rows, per_scale, best_compiled),
     }
+
+
+def _column_medians(rows: list[list[float]]) -> list[float] | None:
+    """Per position, the median over the rows (the timed runs)."""
+    return [statistics.median(col) for col in zip(*rows)] if rows else None
 
 
 def _target(name: str, value: str, met: bool | None, miss: str = "", na: str = "") -> dict[str, str]:
@@ -1382,6 +1403,9 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
 
     lines += scale_table("Per-scale wall ms (median of the timed runs; time between scale-end marks)",
                          "wall_ms", ".2f", have("wall_ms"))
+    lines += scale_table("Per-scale host lead ms (median of the timed runs; how long before the GPU reached a "
+                         "scale's end mark the host had queued it: about 0 where the GPU waited for the host)",
+                         "lead_ms", ".2f", have("lead_ms"))
     lines += scale_table("Per-scale kernel launches (profiled generation)", "launches", "d", have("launches"))
     lines += scale_table("Per-scale GPU-busy ms (profiled generation, union of kernel intervals)", "busy_ms",
                          ".2f", have("busy_ms"))

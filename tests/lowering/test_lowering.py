@@ -935,8 +935,9 @@ def test_blocks_with_every_branch_skipped_hand_their_inputs_back(monkeypatch, na
 
 @pytest.mark.parametrize("name", ["var-tiny-fastvar-released", "infinity-tiny-fastvar-released"])
 def test_the_cached_scale_is_planned_and_caches_the_same_outputs(monkeypatch, name):
-    """restore.mode cached_scale: after the scale's first block, the blocks of the cached scale run
-    planned (no dispatcher ``_keep``), and the branch outputs the decider keeps are the dispatcher's."""
+    """restore.mode cached_scale: the blocks of the cached scale run planned (no dispatcher
+    ``_keep``, the first block included), and the branch outputs the decider keeps are the
+    dispatcher's."""
     from toprovar_fx.runtime.decisions import Decider
 
     family = name.removesuffix("-fastvar-released")
@@ -964,11 +965,43 @@ def test_the_cached_scale_is_planned_and_caches_the_same_outputs(monkeypatch, na
     (ref, ref_layers), (got, got_layers) = caches[False], caches[True]
     depth = max(layer for _, layer in ref_layers) + 1
     assert {layer for _, layer in ref_layers} == set(range(depth))  # the dispatcher ran every block there
-    assert {layer for _, layer in got_layers} == {0}  # planned: only the scale's first block
+    assert got_layers == set()  # planned: none, the first block's (predicted a scale ahead) included
     assert ref.keys() == got.keys()
     assert len(ref) == depth * len({kind for _, kind in ref}) >= 2 * depth  # every branch of every layer
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["var-tiny-fastvar-released", "infinity-tiny-fastvar-released"])
+def test_fixed_ratio_policies_plan_every_block_of_the_scales_they_prune(monkeypatch, name):
+    """A fixed-ratio policy decides nothing from entropy, so every block of a cached or pruned
+    scale is predicted, its first included (on an H200 a block through the dispatcher launched
+    42 kernels more than a planned one: FastVAR's pruned scales launched 105 against the dense
+    baseline's 63). Only the first block of a skipped scale (and maybe of a generation) is dispatched."""
+    from toprovar_fx.runtime.decisions import Decider
+
+    family = name.removesuffix("-fastvar-released")
+    dispatched: list[tuple[int, int]] = []
+    act = Decider._act
+
+    def counting_act(self, spec, branch, inputs, x, tick):
+        dispatched.append((tick.scale, tick.layer))
+        return act(self, spec, branch, inputs, x, tick)
+
+    monkeypatch.setattr(Decider, "_act", counting_act)
+    torch._dynamo.reset()
+    call = sampler_call(family, 1)
+    fast = torch.compile(model(family).autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": name, "strict": True})
+    call(fast)
+    dispatched.clear()
+    call(fast)
+    rep = toprovar_fx.last_generation()
+    pruned = {sc.index for sc in rep.scales if any(lay.action == "prune_tokens" for lay in sc.layers)}
+    skipped = {sc.index for sc in rep.scales if sc.skipped}
+    res = last_session().decider.resolved
+    assert len(pruned) == 2 and len(skipped) == 2 and res.cached_scale is not None
+    assert set(dispatched) - {(0, 0)} == {(s, 0) for s in skipped}
 
 
 def _replayable(fn):

@@ -102,18 +102,20 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
     if action not in ("prune_tokens", "skip", "cache", "measure"):
         return None  # each implies a resolved scale
     clock, gen = decider.session.clock, decider.gen
-    if action == "measure":  # may be the first block of the next scale
-        scale, layer, _ = clock.next_block()
-        res = decider._resolve()
+    # measure and cache may be the first block of the next scale, the others are in the running one
+    scale, layer, _ = clock.next_block()
+    res = decider._resolve()
+    if res is None or scale >= res.num_scales:
+        return None
+    h, w = res.hw[scale]  # a next scale has not ticked yet; the call's input must match it
+    if action == "measure":
         spec = decider.measure_spec(res, scale)
         if spec is None:
             return None
-        h, w = res.hw[scale]  # a next scale has not ticked yet; the call's input must match it
         return BlockPlan(scale=scale, layer=layer, tokens=h * w, rows=gen.rows, k=0,
                          actions=("keep",) * len(specs), measure=spec)
-    scale, layer = clock.scale, clock.layer + 1  # the others are in the running scale
     if action in ("skip", "cache"):  # skip: nothing selected, restored or recorded
-        return BlockPlan(scale=scale, layer=layer, tokens=gen.tokens[scale], rows=gen.rows, k=0,
+        return BlockPlan(scale=scale, layer=layer, tokens=h * w, rows=gen.rows, k=0,
                          actions=(action if action == "skip" else "keep",) * len(specs),
                          record_cache=action == "cache")
     pol, tok = decider.policy, decider.policy.token

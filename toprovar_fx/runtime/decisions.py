@@ -185,7 +185,7 @@ class Decider:
         if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
             # the dispatcher keeps the branch outputs of a kept block here: the dense variant
             # cannot, a planned block can (``cache``); anything else at this scale is its own
-            return "cache" if action == "keep" and same else None
+            return "cache" if action == "keep" else None
         return action
 
     def _block_action(self, res, scale: int, layer: int, same: bool, plannable: bool = False) -> str | None:
@@ -194,8 +194,13 @@ class Decider:
         if self._needs_entropy and layer <= pol.scale.measure_layer:
             measures = plannable and layer == pol.scale.measure_layer and self.measure_spec(res, scale) is not None
             return "measure" if measures else "keep"
+        if not same:
+            # the next scale's first block: a fixed-ratio policy's decisions need no entropy, so a
+            # layer that keeps every branch whatever the scale decides is known to keep
+            known = not self._needs_entropy and scale < res.num_scales
+            return "keep" if known and self._keeps_layer(res, scale, layer) else None
         cur = self.cur
-        if not same or cur is None or cur.scale != scale:
+        if cur is None or cur.scale != scale:
             return None
         if not cur.decided:
             if self._keeps_regardless(res, layer) and self._launch_ahead(res):
@@ -218,17 +223,21 @@ class Decider:
         decision. Then the decision's device work is launched now and read at that later layer,
         so the host does not wait for the GPU while the GPU runs this layer (one host
         synchronisation per pruned scale: on the H200 the GPU idled about 1-2 ms at each)."""
-        pol, gen = self.policy, self.gen
-        if not gen.layer_classes and pol.layer.mode != "online" and self.tick is not None:
-            self._maybe_classify(res, self.tick.scale)  # fixed classes: known without entropy
-        if not gen.layer_classes:
+        if self.tick is None or not self._keeps_layer(res, self.tick.scale, layer):
             return False
         depth = self.session.clock.depth or 0
+        return not all(self._keeps_layer(res, self.tick.scale, lay) for lay in range(layer + 1, depth))
 
-        def keeps(lay: int) -> bool:
-            return not pol.layer.eligible(lay) or pol.layer.actions[gen.layer_classes.get(lay, "global")] == "keep"
-
-        return keeps(layer) and not all(keeps(lay) for lay in range(layer + 1, depth))
+    def _keeps_layer(self, res, scale: int, layer: int) -> bool:
+        """Whether ``layer`` keeps every branch at ``scale`` whatever the scale's decision says (not
+        eligible, or its class keeps); False while the classes are unknown (online classes before
+        the representative scale)."""
+        pol, gen = self.policy, self.gen
+        if not gen.layer_classes and pol.layer.mode != "online":
+            self._maybe_classify(res, scale)  # fixed classes: known without entropy
+        if not gen.layer_classes:
+            return False
+        return not pol.layer.eligible(layer) or pol.layer.actions[gen.layer_classes.get(layer, "global")] == "keep"
 
     def _launch_ahead(self, res) -> bool:
         """``_decide_ahead`` without reading the values: the device work and the copy to the host
@@ -241,18 +250,19 @@ class Decider:
         return True
 
     def _can_decide_ahead(self) -> bool:
-        """Whether the running scale's decision can be taken outside the dispatcher: an entropy
-        policy, no test override, past scale 0, and the measured layer's entropy recorded."""
+        """Whether the running scale's decision can be taken outside the dispatcher: no test
+        override, past scale 0, and, for an entropy policy, the measured layer's entropy recorded
+        (a fixed-ratio policy's decision reads nothing from the device)."""
         tick = self.tick
-        return not (self.override is not None or not self._needs_entropy or tick is None or tick.scale == 0
-                    or (tick.scale, self.policy.scale.measure_layer) not in self.gen.entropy)
+        return not (self.override is not None or tick is None or tick.scale == 0
+                    or (self._needs_entropy and (tick.scale, self.policy.scale.measure_layer) not in self.gen.entropy))
 
     def _decide_ahead(self, res) -> bool:
         """Take the running scale's decisions before its first block past the measured layer is
         called, so that this block too can be predicted (run dense or planned) instead of going
         through the dispatcher. Same inputs as the dispatcher's decision at that block: the
         measured layer's entropy (recorded when its graph returned) and the layer classes.
-        False when the dispatcher must decide (no entropy yet, fixed-ratio policies, test overrides).
+        False when the dispatcher must decide (no entropy yet, test overrides).
         """
         tick, gen = self.tick, self.gen
         if not self._can_decide_ahead():
