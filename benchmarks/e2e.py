@@ -67,7 +67,7 @@ TOP_N = 8
 TARGET_VS_EAGER = 4.0  # toprovar (model policy) vs dense eager
 TARGET_VS_COMPILED = 2.0  # toprovar vs the best dense compiled baseline
 TARGET_FLOP_FRACTION = 0.8  # measured speedup / FLOP-bound speedup at the last two scales
-TARGET_OBSERVE = 1.05  # observe latency / dense Inductor latency
+TARGET_OBSERVE = 1.05  # observe latency / the best compiled dense latency (Inductor, CUDA graphs)
 
 # Budget planning before anything of a kind has been measured: first-call seconds per cost
 # class (Inductor compiles every block graph once per scale; toprovar prune graphs run as FX).
@@ -1234,14 +1234,15 @@ def targets(b: Bench, rows: dict[str, dict[str, Any]], per_scale: list[dict[str,
             f"measured speedup >= {TARGET_FLOP_FRACTION:.0%} of the FLOP-bound speedup, last two scales",
             f"{tp['last2_measured']:.2f}x of {tp['last2_flop_bound']:.2f}x = {frac:.0%}",
             frac >= TARGET_FLOP_FRACTION, f"{TARGET_FLOP_FRACTION - frac:.0%} points"))
+    # observe runs Inductor graphs replayed from CUDA graphs: the best compiled dense variant measured
+    # (Inductor, or Inductor with CUDA graphs) is the same backend without the FAE op and its statistics
+    name = f"observe <= {TARGET_OBSERVE:g}x dense " + (best_compiled or "Inductor")
     obs = _ratio(runs["observe"].median_ms() if "observe" in runs else None,
-                 runs["inductor"].median_ms() if "inductor" in runs else None)
+                 runs[best_compiled].median_ms() if best_compiled else None)
     if obs is None:
-        out.append(_target(f"observe <= {TARGET_OBSERVE:g}x dense Inductor", "-", None,
-                           na="observe or dense Inductor not measured"))
+        out.append(_target(name, "-", None, na="observe or a compiled dense baseline not measured"))
     else:
-        out.append(_target(f"observe <= {TARGET_OBSERVE:g}x dense Inductor", f"{obs:.3f}x",
-                           obs <= TARGET_OBSERVE, f"{100 * (obs / TARGET_OBSERVE - 1):.1f}%"))
+        out.append(_target(name, f"{obs:.3f}x", obs <= TARGET_OBSERVE, f"{100 * (obs / TARGET_OBSERVE - 1):.1f}%"))
     timed = [r for r in b.runs if r.times_ms]
     recompiles = sum(r.dynamo_frames_timed + r.toprovar_compiles_timed for r in timed)
     detail = ", ".join(f"{r.key} {r.dynamo_frames_timed + r.toprovar_compiles_timed}" for r in timed
