@@ -5,6 +5,7 @@ import torch
 
 import toprovar_fx
 from toprovar_fx.policies import load_policy
+from toprovar_fx.runtime.session import last_session
 from toprovar_fx.zoo.var import AdaLNSelfAttnBlock
 
 from .helpers import max_rel_diff, model, sampler_call
@@ -61,3 +62,53 @@ def test_reuse_cond_with_a_specialised_batch_warns_and_runs_both_halves():
     with pytest.warns(RuntimeWarning, match="dynamic=True"):
         _, got = call(fast)
     assert max_rel_diff(got, dense) <= 1e-5
+
+
+# var-tiny's sampler under dynamic=True cannot skip scales (its accumulation is not gated): its
+# preset that skips none
+@pytest.mark.parametrize("name,preset", [("infinity-tiny-skipvar", "fast"), ("infinity-tiny-skipvar", None),
+                                         ("var-tiny-skipvar", "quality")])
+def test_cond_only_blocks_run_planned_and_change_nothing(monkeypatch, name, preset):
+    """A kept block of a cond-only scale runs as a planned block (``cond`` plans: one call, so one
+    CUDA-graph replay on a GPU, instead of three dispatches with eager glue: SkipVAR's cond-only
+    40x40 launched 1,567 kernels on the H200), with the dispatcher's results and report."""
+    from toprovar_fx.lowering import runners
+
+    cond_plans: list[tuple[int, int]] = []
+    apply = runners.apply_plan_effects
+
+    def recording(decider, plan, *args):
+        if plan.cond_only:
+            cond_plans.append((plan.scale, plan.layer))
+        return apply(decider, plan, *args)
+
+    monkeypatch.setattr(runners, "apply_plan_effects", recording)
+    family = name.removesuffix("-skipvar")
+    m = model(family)
+    call = sampler_call(family, 1)
+    results = {}
+    for planned in (False, True):
+        torch._dynamo.reset()
+        opts = {"policy": name, "strict": True, "planned_blocks": planned} | ({"preset": preset} if preset else {})
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts, dynamic=True)
+        call(fast)
+        before = last_session().planned_calls
+        cond_plans.clear()
+        _, logits = call(fast)
+        rep = toprovar_fx.last_generation()
+        assert rep.fallbacks == []
+        results[planned] = (logits, last_session().planned_calls - before,
+                            [(s.skipped, s.flops_executed, s.flops_dense) for s in rep.scales],
+                            sorted(last_session().gen.entropy))
+    (a, runs_off, *rest_off), (b, runs_on, *rest_on) = results[False], results[True]
+    reuse = load_policy(name, preset=preset).resolved(last_session().clock.candidates[0]).reuse_cond_from
+    cond_scales = [i for i, (skipped, done, dense) in enumerate(rest_on[0]) if not skipped and done < dense]
+    assert cond_scales and cond_scales[0] == reuse  # half the rows ran there
+    depth = last_session().clock.depth
+    assert runs_off == 0 and runs_on > 0
+    # every block of the cond-only scales ran planned, but maybe each scale's first (the dispatcher
+    # may take that scale's decision there)
+    assert {s for s, _ in cond_plans} == set(cond_scales)
+    assert {(s, layer) for s in cond_scales for layer in range(1, depth)} <= set(cond_plans)
+    assert rest_on == rest_off
+    assert max_rel_diff(b, a) <= 1e-5

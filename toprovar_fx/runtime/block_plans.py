@@ -16,9 +16,11 @@ prunes tokens, with no CFG reuse and either ``select_per: block`` (one kept set 
 selected before the call from the block's input) or FastVAR's ``select_per: sublayer`` with
 frequency selection (each pruned branch selects from its own input inside the graph, as the
 dispatcher does), and identity or cached-scale restore (the cached outputs are inputs of the
-call, never read from the decider inside a captured graph); and a kept block of the cached scale
-itself (its branch outputs are outputs of the call, which the decider keeps). Everything else keeps running
-through the dispatcher.
+call, never read from the decider inside a captured graph); a kept block of the cached scale
+itself (its branch outputs are outputs of the call, which the decider keeps); and a kept block of
+a scale where SkipVAR's ``cfg.reuse_cond_from`` runs the cond rows only (each branch on the cond
+half, its outputs given to both halves, as the dispatcher's ``_cond_only`` does; graphs with a
+symbolic batch only). Everything else keeps running through the dispatcher.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class BlockPlan:
     # the cached scale of restore.mode cached_scale: the kept branches' outputs are returned and
     # kept by the decider, as the dispatcher's ``_keep`` does
     record_cache: bool = False
+    # cfg.reuse_cond_from: every branch kept on the cond rows, the uncond rows given the same result
+    cond_only: bool = False
 
     @property
     def prunes(self) -> bool:
@@ -70,7 +74,7 @@ class BlockPlan:
     def signature(self) -> tuple[Any, ...]:
         """What the captured computation depends on beyond its inputs' shapes."""
         return (self.actions, self.select_in_graph, self.select_entropy, self.measure, self.cached_hw, self.hw,
-                self.record_cache)
+                self.record_cache, self.cond_only)
 
 
 @dataclass
@@ -99,7 +103,7 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
     if not specs:
         return None
     action = decider.next_block_action(1, plannable=True)
-    if action not in ("prune_tokens", "skip", "cache", "measure"):
+    if action not in ("prune_tokens", "skip", "cache", "measure", "cond"):
         return None  # each implies a resolved scale
     clock, gen = decider.session.clock, decider.gen
     # measure and cache may be the first block of the next scale, the others are in the running one
@@ -114,6 +118,11 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
             return None
         return BlockPlan(scale=scale, layer=layer, tokens=h * w, rows=gen.rows, k=0,
                          actions=("keep",) * len(specs), measure=spec)
+    if action == "cond":
+        if any(spec.batch_static for spec in specs):
+            return None  # the batch cannot be halved: the dispatcher says so and runs both halves
+        return BlockPlan(scale=scale, layer=layer, tokens=h * w, rows=gen.rows, k=0,
+                         actions=("keep",) * len(specs), cond_only=True)
     if action in ("skip", "cache"):  # skip: nothing selected, restored or recorded
         return BlockPlan(scale=scale, layer=layer, tokens=h * w, rows=gen.rows, k=0,
                          actions=(action if action == "skip" else "keep",) * len(specs),
@@ -155,6 +164,18 @@ def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropie
                        tick: Any, idx: torch.Tensor | None, cached_deltas: tuple[Any, ...] = ()) -> None:
     """The dispatcher's side effects of a planned block, in its order (cache, record, account).
     ``cached_deltas``: per kept branch, its output, when the plan records the cached scale."""
+    if not plan.cond_only:
+        _apply_plan_effects(decider, plan, specs, entropies, tick, idx, cached_deltas)
+        return
+    decider.row_fraction = 0.5  # as the dispatcher's ``_cond_only`` accounts the cond rows
+    try:
+        _apply_plan_effects(decider, plan, specs, entropies, tick, idx, cached_deltas)
+    finally:
+        decider.row_fraction = 1.0
+
+
+def _apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropies: tuple[Any, ...],
+                        tick: Any, idx: torch.Tensor | None, cached_deltas: tuple[Any, ...]) -> None:
     sess, gen = decider.session, decider.gen
     if plan.prunes and not plan.select_in_graph:  # select_per: block keeps one choice per block
         decider.cur.indices[plan.layer] = idx

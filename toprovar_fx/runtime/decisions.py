@@ -56,6 +56,23 @@ class PendingDecision:
     event: Any = None  # recorded after the copy (CUDA), or None
 
 
+def cond_half(spec: Any, inputs: tuple[Any, ...], x: torch.Tensor) -> tuple[int, tuple[Any, ...]]:
+    """A branch's inputs cut to the cond half of a CFG batch (rows first): ``(b, inputs)``."""
+    b = int(x.shape[0]) // 2
+    return b, tuple(
+        b if i in spec.batch_sizes
+        else t[:b] if i in spec.batch_inputs and isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 2 * b
+        else t
+        for i, t in enumerate(inputs)
+    )
+
+
+def both_halves(outs: tuple[Any, ...], b: int) -> tuple[Any, ...]:
+    """A cond-half branch's outputs given to the uncond half too."""
+    return tuple(torch.cat((o, o), 0) if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == b else o
+                 for o in outs)
+
+
 class Decider:
     """Applies one policy to the branches of one session."""
 
@@ -131,8 +148,9 @@ class Decider:
         ``self_sites`` self-attentions: ``keep``, ``prune_tokens`` (a Detail layer of a decided,
         active scale that keeps fewer than all tokens), ``cache`` (a kept block of the scale
         whose branch outputs ``restore.mode: cached_scale`` keeps), ``skip`` (a skipped layer of a decided
-        scale, or a block after the first of a skipped scale) or None (not known in advance, or
-        mixed).
+        scale, or a block after the first of a skipped scale), ``cond`` (a kept block of a scale
+        where ``cfg.reuse_cond_from`` runs the cond rows only; asked with ``plannable`` only) or None
+        (not known in advance, or mixed).
         ``mixed``: the graph ends the running block and starts the next (a block split over
         graphs); only whole scales before the policy acts are known for it.
         ``plannable``: the graph can run as a planned block; then the measured block of a scale
@@ -180,7 +198,12 @@ class Decider:
         if res is None or scale in res.skip_scales or scale in gen.skipped or after_d:
             return None
         if res.reuse_cond_from is not None and scale >= res.reuse_cond_from:
-            return None
+            # SkipVAR's CFG shortcut: a block that keeps every branch runs them on the cond rows
+            # (``cond``, a planned block only; the dispatcher's ``_cond_only``)
+            cached = pol.restore.mode == "cached_scale" and res.cached_scale == scale  # records outputs
+            if not plannable or self.override is not None or cached:
+                return None
+            return "cond" if self._block_action(res, scale, layer, same, plannable) == "keep" else None
         action = self._block_action(res, scale, layer, same, plannable)
         if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
             # the dispatcher keeps the branch outputs of a kept block here: the dense variant
@@ -342,20 +365,13 @@ class Decider:
 
     def _cond_only(self, spec, branch, inputs, x, tick):
         """Run the branch on the cond half (rows first) and give the uncond half the same result."""
-        b = int(x.shape[0]) // 2
-        half = tuple(
-            b if i in spec.batch_sizes
-            else t[:b] if i in spec.batch_inputs and isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 2 * b
-            else t
-            for i, t in enumerate(inputs)
-        )
+        b, half = cond_half(spec, inputs, x)
         self.row_fraction = 0.5
         try:
             outs = self._act(spec, branch, half, half[spec.hidden], tick)
         finally:
             self.row_fraction = 1.0
-        return tuple(torch.cat((o, o), 0) if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == b else o
-                     for o in outs)
+        return both_halves(outs, b)
 
     def _act(self, spec, branch, inputs, x, tick):
         action, idx = self._decide(spec, tick, x)
@@ -421,6 +437,11 @@ class Decider:
             run.entropies.append(())
             return (x, *[inputs[i] for i in spec.escape_skip])
         plan = run.plan
+        if plan.cond_only:  # every branch kept, on the cond rows (``_cond_only``)
+            b, half = cond_half(spec, inputs, x)
+            outs = branch(*half)
+            run.entropies.append(tuple(outs[1 + spec.n_escapes:]))
+            return both_halves((half[spec.hidden] + outs[0], *outs[1:1 + spec.n_escapes]), b)
         if action == "keep":
             outs = branch(*inputs)
             x_new = x + outs[0]
