@@ -47,7 +47,7 @@ def gate_scale_accumulation(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             same = all(bool(a == b) for a, b in zip(sa, sd))
         except Exception:  # noqa: BLE001 - undecidable symbolic comparison
             same = False
-        deps = ancestors(delta)
+        deps = ancestors(delta, values_only=True)
         if not same or acc in deps or not any(i in deps for i in inputs if i is not acc):
             continue
         inplace = node.op == "call_method" and node.target in ("add_", "__iadd__")

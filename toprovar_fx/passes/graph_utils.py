@@ -31,10 +31,18 @@ def is_static_input(node: fx.Node) -> bool:
     return isinstance(ex, torch.nn.Parameter)
 
 
-def ancestors(node: fx.Node, stop: set[fx.Node] | None = None) -> set[fx.Node]:
-    """Every node ``node`` depends on (not including itself)."""
+def ancestors(node: fx.Node, stop: set[fx.Node] | None = None, values_only: bool = False) -> set[fx.Node]:
+    """Every node ``node`` depends on (not including itself). ``values_only``: through tensor
+    values only, not through sizes (under dynamic shapes a size read from a tensor, e.g. an
+    interpolation to ``f_hat.shape[-2:]``, is a node too, but no dependency on its values)."""
     seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
+
+    def inputs(n: fx.Node) -> list[fx.Node]:
+        if not values_only:
+            return list(n.all_input_nodes)
+        return [i for i in n.all_input_nodes if not isinstance(example_value(i), (torch.SymInt, int))]
+
+    stack = inputs(node)
     while stack:
         n = stack.pop()
         if n in seen:
@@ -42,7 +50,7 @@ def ancestors(node: fx.Node, stop: set[fx.Node] | None = None) -> set[fx.Node]:
         seen.add(n)
         if stop is not None and n in stop:
             continue
-        stack.extend(n.all_input_nodes)
+        stack.extend(inputs(n))
     return seen
 
 
