@@ -106,7 +106,7 @@ def plan_next_block(decider: Any, specs: list[Any]) -> BlockPlan | None:
     if action not in ("prune_tokens", "skip", "cache", "measure", "cond"):
         return None  # each implies a resolved scale
     clock, gen = decider.session.clock, decider.gen
-    # measure and cache may be the first block of the next scale, the others are in the running one
+    # measure, cache and cond may be the first block of the next scale, the others are in the running one
     scale, layer, _ = clock.next_block()
     res = decider._resolve()
     if res is None or scale >= res.num_scales:
