@@ -164,26 +164,15 @@ def apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropie
                        tick: Any, idx: torch.Tensor | None, cached_deltas: tuple[Any, ...] = ()) -> None:
     """The dispatcher's side effects of a planned block, in its order (cache, record, account).
     ``cached_deltas``: per kept branch, its output, when the plan records the cached scale."""
-    if not plan.cond_only:
-        _apply_plan_effects(decider, plan, specs, entropies, tick, idx, cached_deltas)
-        return
-    decider.row_fraction = 0.5  # as the dispatcher's ``_cond_only`` accounts the cond rows
-    try:
-        _apply_plan_effects(decider, plan, specs, entropies, tick, idx, cached_deltas)
-    finally:
-        decider.row_fraction = 1.0
-
-
-def _apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropies: tuple[Any, ...],
-                        tick: Any, idx: torch.Tensor | None, cached_deltas: tuple[Any, ...]) -> None:
     sess, gen = decider.session, decider.gen
     if plan.prunes and not plan.select_in_graph:  # select_per: block keeps one choice per block
         decider.cur.indices[plan.layer] = idx
     i = 0
     deltas = iter(cached_deltas)
+    row_fraction = 0.5 if plan.cond_only else 1.0  # the dispatcher's ``_cond_only`` accounts the cond rows
     for spec, action in zip(specs, plan.actions):
         if action == "skip":  # nothing recorded, nothing run
-            decider._account(spec, tick, "skip", 0)
+            decider._account(spec, tick, "skip", 0, row_fraction)
             continue
         if plan.record_cache:
             decider.keep_cached(tick, spec.kind, next(deltas))
@@ -194,6 +183,6 @@ def _apply_plan_effects(decider: Any, plan: BlockPlan, specs: list[Any], entropi
             if full and sess.sites[sid].kind == "self":
                 decider.latest_full = ent
             sess.record_attention(sid, ent, tick)
-        decider._account(spec, tick, action, plan.tokens if full else plan.k)
+        decider._account(spec, tick, action, plan.tokens if full else plan.k, row_fraction)
         if not full:
             gen.kept_idx.setdefault((tick.scale, tick.layer), idx)

@@ -517,9 +517,11 @@ class Decider:
             return
         self.session.defer_kept(tick, spec_ids)
 
-    def _account(self, spec, tick, action: str, run_tokens: int) -> None:
-        """Executed and dense FLOPs of this branch at ``tick`` (linear per token + attention vs K/V)."""
-        self.account(spec, tick.scale, tick.layer, self.gen.rows, action, run_tokens, self.row_fraction)
+    def _account(self, spec, tick, action: str, run_tokens: int, row_fraction: float | None = None) -> None:
+        """Executed and dense FLOPs of this branch at ``tick`` (linear per token + attention vs K/V);
+        ``row_fraction`` of the rows ran (default: the dispatcher's current one)."""
+        frac = self.row_fraction if row_fraction is None else row_fraction
+        self.account(spec, tick.scale, tick.layer, self.gen.rows, action, run_tokens, frac)
 
     def account(self, spec, scale: int, layer: int, rows: int, action: str, run_tokens: int,
                 row_fraction: float = 1.0) -> None:
