@@ -194,6 +194,12 @@ def model_variants(model_name: str) -> list[Variant]:
          f"policy `{model_name}-skipvar`, preset `fast` (the last two scales skipped, the scale before them "
          "conditional only), compiled with `dynamic=True` as its CFG shortcut needs",
          lambda: {"policy": policy_or_missing(f"{model_name}-skipvar"), "preset": "fast"}, True),
+        ("toprovar_online", f"toprovar {model_name} (online decisions)", "toprovar",
+         f"policy `{model_name}`: the start scale D from rho_s and the layer classes from one SVD per layer of "
+         "the entropy map at the representative scale, every generation. On random weights its decisions are "
+         "not the frozen policy's, so its `toprovar.*` host ranges are what it measures (the cost of deciding "
+         "online), not its latency",
+         lambda: {"policy": policy_or_missing(model_name)}, True),
         ("observe", "toprovar observe", "toprovar", "`mode: observe` (SDPA -> FAE, entropy recorded, no pruning)",
          lambda: {"mode": "observe"}, False),
         ("toprovar_noplan", f"toprovar {main}, no planned blocks", "toprovar",
@@ -246,7 +252,8 @@ def variant_by_key(model_name: str, key: str) -> Variant:
 
 # display order of the tables (the rotation order of the timed rounds too)
 DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "skipvar", "toprovar_fastest", "scale",
-                 "scale_layer", "toprovar_nocg", "toprovar_noplan", "toprovar_nolend", "toprovar_guardfilter", "toprovar")
+                 "scale_layer", "toprovar_nocg", "toprovar_noplan", "toprovar_nolend", "toprovar_guardfilter",
+                 "toprovar_online", "toprovar")
 VARIANT_KEYS = DISPLAY_ORDER
 
 
