@@ -97,6 +97,9 @@ def test_eligibility_keeps_everything_else_on_aten() -> None:
     assert not rows_eligible(t, idx.t().contiguous().t(), 1, interpret=True)  # non-contiguous indices
     assert not rows_eligible(torch.randn(3, 10, 8), idx, 1, interpret=True)  # 3 source rows for 2 index rows
     assert not rows_eligible(t.double(), idx, 1, interpret=True)
+    assert not rows_eligible(torch.nn.Parameter(t), idx, 1, interpret=True)  # a subclass keeps to ATen
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # as a tracer would see them
+        assert not rows_eligible(mode.from_tensor(t), mode.from_tensor(idx), 1, interpret=True)
 
 
 def test_token_ops_take_the_aten_route_on_cpu() -> None:

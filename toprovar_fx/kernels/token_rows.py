@@ -9,7 +9,7 @@ CFG rows the iteration does not collapse to the two dimensions its vectorised ga
 width, where moving the bytes takes 2-3 us (``benchmarks/results/token-ops-micro-2026-11-30.md``).
 Here each program loads one kept token's index once and moves up to ``BLOCK`` contiguous channels.
 
-Preconditions (``rows_eligible``): a CUDA tensor ``t [rows or 1, N, *rest]`` whose ``rest`` dims are
+Preconditions (``rows_eligible``): a plain CUDA tensor ``t [rows or 1, N, *rest]`` whose ``rest`` dims are
 contiguous (a batch of 1 broadcasts over the rows), token dim 1, indices ``idx [rows, k]``
 contiguous int64 on the same device, each row's indices in ``[0, N)`` and, for the scatters,
 distinct within the row (``topk`` gives both). Nothing checks the range on the GPU: callers
@@ -48,7 +48,10 @@ def _rest_contiguous(t: torch.Tensor) -> bool:
 def rows_eligible(t: torch.Tensor, idx: torch.Tensor, dim: int, interpret: bool = False) -> bool:
     """Whether ``t`` and ``idx`` meet this module's preconditions (``interpret``: CPU tensors under
     ``TRITON_INTERPRET=1``, for tests)."""
-    return (triton is not None and (t.is_cuda or interpret) and dim == 1 and t.dim() >= 2
+    # plain tensors only: a subclass (a fake tensor under tracing, a parameter) keeps to ATen, whose
+    # ops it knows how to handle
+    return (triton is not None and type(t) is torch.Tensor and type(idx) is torch.Tensor
+            and (t.is_cuda or interpret) and dim == 1 and t.dim() >= 2
             and t.dtype in _DTYPES and idx.dtype == torch.int64 and idx.dim() == 2 and idx.is_contiguous()
             and idx.device == t.device and t.shape[0] in (1, idx.shape[0]) and _rest_contiguous(t)
             and not torch.compiler.is_compiling())
