@@ -2,8 +2,10 @@
 
 The Triton kernels run under ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set
 before triton is first imported): this file, run as a script with ``--triton-cases``, compares
-every case with the ATen op it replaces and prints the results as JSON. The eligibility rules and
-the ATen route the CPU takes are checked in-process.
+every case with the ATen op it replaces and prints the results as JSON; with ``--runtime-case``
+it runs a planned generation of the tiny Infinity model whose token ops take the kernel
+(``TOPROVAR_TOKEN_ROWS_IMPL=triton``), compared with the ATen route in-process. The eligibility
+rules and the ATen route the CPU takes are checked in-process.
 """
 
 from __future__ import annotations
@@ -84,6 +86,20 @@ def test_kernels_equal_the_aten_ops_they_replace(triton_results: dict, name: str
     assert triton_results[name] == {"gather": True, "scatter": True, "scatter_add": True, "base_untouched": True}
 
 
+def test_the_route_can_be_forced_and_a_bad_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from toprovar_fx.kernels.token_rows import rows_eligible
+
+    t, idx = torch.randn(2, 10, 8), torch.tensor([[1, 4, 7], [0, 2, 9]])
+    monkeypatch.setenv("TOPROVAR_TOKEN_ROWS_IMPL", "aten")
+    assert not rows_eligible(t, idx, 1, interpret=True)
+    monkeypatch.setenv("TOPROVAR_TOKEN_ROWS_IMPL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert rows_eligible(t, idx, 1)  # CPU tensors, interpreted
+    monkeypatch.setenv("TOPROVAR_TOKEN_ROWS_IMPL", "cuda")
+    with pytest.raises(ValueError, match="TOPROVAR_TOKEN_ROWS_IMPL must be one of"):
+        rows_eligible(t, idx, 1)
+
+
 def test_eligibility_keeps_everything_else_on_aten() -> None:
     from toprovar_fx.kernels.token_rows import rows_eligible
 
@@ -113,5 +129,62 @@ def test_token_ops_take_the_aten_route_on_cpu() -> None:
     assert torch.equal(restore_identity(full, idx, src), want["scatter_add"])
 
 
+def _generate(out_path: str | None = None) -> tuple[list[torch.Tensor], int, int]:
+    """A planned infinity-tiny generation (the second call of a compiled sampler): its per-scale
+    logits, how many row kernels it launched and how many blocks ran planned."""
+    from tests.backend.helpers import model, sampler_call
+    from toprovar_fx.kernels import token_rows
+    from toprovar_fx.runtime.session import last_session
+
+    launches = []
+    launch = token_rows._launch
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return launch(*args, **kwargs)
+
+    token_rows._launch = counted
+    try:
+        torch._dynamo.reset()
+        fast = torch.compile(model("infinity-tiny").autoregressive_infer_cfg, backend="toprovar",
+                             options={"policy": "infinity-tiny"})
+        call = sampler_call("infinity-tiny", 1)
+        call(fast)
+        planned_before = last_session().planned_calls
+        launches.clear()
+        _, logits = call(fast)
+        return list(logits), len(launches), last_session().planned_calls - planned_before
+    finally:
+        token_rows._launch = launch
+
+
+def test_planned_blocks_through_the_kernel_give_the_aten_logits(tmp_path: Path) -> None:
+    """The runtime's gathers and write-backs through the kernel (interpreted on the CPU, forced with
+    ``TOPROVAR_TOKEN_ROWS_IMPL=triton``) give the logits of the ATen route, in planned blocks."""
+    from safetensors.torch import load_file
+
+    from tests.backend.helpers import max_rel_diff
+
+    out = tmp_path / "logits.safetensors"
+    env = dict(os.environ, TRITON_INTERPRET="1", TOPROVAR_TOKEN_ROWS_IMPL="triton")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--runtime-case", str(out)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    saved = load_file(str(out))
+    kernel_logits = [saved[f"scale{i}"] for i in range(len(saved))]
+    aten_logits, aten_launches, aten_planned = _generate()
+    assert aten_launches == 0 and info["launches"] > 0  # the CPU route, and the forced kernel
+    assert info["planned"] == aten_planned > 0
+    assert max_rel_diff(kernel_logits, aten_logits) <= 1e-6
+
+
 if __name__ == "__main__" and "--triton-cases" in sys.argv:
     print(json.dumps(_run_triton_cases()))
+elif __name__ == "__main__" and "--runtime-case" in sys.argv:
+    from safetensors.torch import save_file
+
+    _logits, _launches, _planned = _generate()
+    save_file({f"scale{i}": t.contiguous() for i, t in enumerate(_logits)}, sys.argv[-1])
+    print(json.dumps({"launches": _launches, "planned": _planned}))

@@ -14,11 +14,16 @@ contiguous (a batch of 1 broadcasts over the rows), token dim 1, indices ``idx [
 contiguous int64 on the same device, each row's indices in ``[0, N)`` and, for the scatters,
 distinct within the row (``topk`` gives both). Nothing checks the range on the GPU: callers
 pass indices from ``topk``. Everything else keeps to the ATen ops.
+
+``TOPROVAR_TOKEN_ROWS_IMPL``: ``auto`` (default: the kernel for eligible CUDA tensors), ``aten``
+(never the kernel), ``triton`` (also CPU tensors, under ``TRITON_INTERPRET=1``: tests run the
+runtime's planned blocks through the kernel on the CPU with it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -31,6 +36,8 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_IMPL_ENV = "TOPROVAR_TOKEN_ROWS_IMPL"
+_IMPLS = ("auto", "aten", "triton")
 _MAX_BLOCK = 1024  # channels per program: 2 KiB of bf16, 16-byte vector loads over 4 warps
 
 __all__ = ["gather_rows", "rows_eligible", "scatter_rows"]
@@ -45,13 +52,23 @@ def _rest_contiguous(t: torch.Tensor) -> bool:
     return True
 
 
+def _impl() -> str:
+    impl = os.environ.get(_IMPL_ENV, "auto").lower()
+    if impl not in _IMPLS:
+        raise ValueError(f"toprovar: environment variable {_IMPL_ENV} must be one of {_IMPLS}, got {impl!r}")
+    return impl
+
+
 def rows_eligible(t: torch.Tensor, idx: torch.Tensor, dim: int, interpret: bool = False) -> bool:
     """Whether ``t`` and ``idx`` meet this module's preconditions (``interpret``: CPU tensors under
-    ``TRITON_INTERPRET=1``, for tests)."""
+    ``TRITON_INTERPRET=1``, for tests; ``TOPROVAR_TOKEN_ROWS_IMPL`` may force either route)."""
+    impl = _impl()
+    if impl == "aten" or triton is None:
+        return False
+    on_device = t.is_cuda or interpret or (impl == "triton" and interpret_mode())
     # plain tensors only: a subclass (a fake tensor under tracing, a parameter) keeps to ATen, whose
     # ops it knows how to handle
-    return (triton is not None and type(t) is torch.Tensor and type(idx) is torch.Tensor
-            and (t.is_cuda or interpret) and dim == 1 and t.dim() >= 2
+    return (type(t) is torch.Tensor and type(idx) is torch.Tensor and on_device and dim == 1 and t.dim() >= 2
             and t.dtype in _DTYPES and idx.dtype == torch.int64 and idx.dim() == 2 and idx.is_contiguous()
             and idx.device == t.device and t.shape[0] in (1, idx.shape[0]) and _rest_contiguous(t)
             and not torch.compiler.is_compiling())
