@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from toprovar_fx.runtime.token_ops import gather_tokens, restore_identity, resto
 from toprovar_fx.tools.bench import environment, write_markdown  # noqa: E402
 
 CALLS_PER_REPLAY = 20
+IMPL_ENV = "TOPROVAR_TOKEN_ROWS_IMPL"
 # (model, width, head_dim, N, k): the last four scales of the balanced policy (kept fraction from
 # the e2e reports' FLOP ratios, roughly)
 CASES = [
@@ -42,18 +44,20 @@ CASES = [
 ROWS = 2  # batch 1 with CFG
 
 
-def _aten_gather(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """What ``gather_tokens`` ran before ``kernels/token_rows.py``: ``torch.gather``, index expanded."""
-    rows, k = idx.shape
-    view, size = [1] * t.dim(), list(t.shape)
-    view[0], view[dim] = rows, k
-    size[0], size[dim] = rows, k
-    return torch.gather(t.expand(rows, *t.shape[1:]), dim, idx.view(view).expand(size))
-
-
-def _aten_scatter(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, add: bool) -> torch.Tensor:
-    index = idx.unsqueeze(-1).expand(-1, -1, base.shape[-1])
-    return base.scatter_add(1, index, src) if add else base.scatter(1, index, src)
+def _aten(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with ``TOPROVAR_TOKEN_ROWS_IMPL=aten``: the ATen ops the token ops ran before the kernel
+    (read when the call runs, so also when it is captured)."""
+    def run() -> object:
+        old = os.environ.get(IMPL_ENV)
+        os.environ[IMPL_ENV] = "aten"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[IMPL_ENV]
+            else:
+                os.environ[IMPL_ENV] = old
+    return run
 
 
 def _offsets(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,7 +68,7 @@ def gather_candidates(x: torch.Tensor, rope: torch.Tensor, idx: torch.Tensor) ->
     rows, k = idx.shape
     n, c = x.shape[1], x.shape[2]
     return {
-        "x: torch.gather (ATen, before)": lambda: _aten_gather(x, idx, 1),
+        "x: torch.gather (ATen, before)": _aten(lambda: gather_tokens(x, idx, 1)),
         "x: gather_tokens (token_rows kernel on CUDA)": lambda: gather_tokens(x, idx, 1),
         "x: flat index_select": lambda: x.reshape(rows * n, c).index_select(0, _offsets(idx, n)).view(rows, k, c),
         "x: flat advanced index": lambda: x.reshape(rows * n, c)[_offsets(idx, n)].view(rows, k, c),
@@ -72,7 +76,7 @@ def gather_candidates(x: torch.Tensor, rope: torch.Tensor, idx: torch.Tensor) ->
             x.reshape(1, rows * n, c), 1, _offsets(idx, n).view(1, -1, 1).expand(1, rows * k, c)).view(rows, k, c),
         "x: two-index advanced index": lambda: x[torch.arange(rows, device=x.device).unsqueeze(1), idx],
         "x: index_select, rows share idx": lambda: x.index_select(1, idx[0]),
-        "rope: torch.gather (ATen, gather_tokens)": lambda: gather_tokens(rope, idx, 2),
+        "rope: torch.gather (ATen, gather_tokens)": _aten(lambda: gather_tokens(rope, idx, 2)),
         "rope: flat index_select": lambda: rope.index_select(2, idx.reshape(-1)).unflatten(2, (rows, k))
         .movedim(2, 0).squeeze(1),
         "rope: index_select, rows share idx (batch 1 out)": lambda: rope.index_select(2, idx[0]),
@@ -97,9 +101,9 @@ def restore_candidates(base: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor
         return base.index_copy(1, idx[0], kept)
 
     return {
-        "restore: scatter (ATen, before)": lambda: _aten_scatter(base, idx, kept, add=False),
+        "restore: scatter (ATen, before)": _aten(lambda: restore_kept(base, idx, kept)),
         "restore: restore_kept (token_rows kernel on CUDA)": lambda: restore_kept(base, idx, kept),
-        "restore: scatter_add (ATen, before)": lambda: _aten_scatter(base, idx, kept, add=True),
+        "restore: scatter_add (ATen, before)": _aten(lambda: restore_identity(base, idx, kept)),
         "restore: restore_identity (token_rows kernel on CUDA)": lambda: restore_identity(base, idx, kept),
         "restore: clone + flat index_copy_": index_copy,
         "restore: clone + flat index_put_": index_put,
@@ -147,8 +151,9 @@ def run(device: str, dtype: torch.dtype, reps: int) -> tuple[list[str], list[lis
         idx = torch.randperm(n, generator=gen)[:k].sort().values.to(device).expand(ROWS, k).contiguous()
         kept = torch.randn(ROWS, k, width, generator=gen).to(device, dtype)
         cands = gather_candidates(x, rope, idx) | restore_candidates(x, idx, kept)
-        ref = {"x": _aten_gather(x, idx, 1), "rope": _aten_gather(rope, idx, 2),
-               "restore": _aten_scatter(x, idx, kept, add=False), "add": _aten_scatter(x, idx, kept, add=True)}
+        ref = {key: cands[name]() for key, name in (  # the ATen ops
+            ("x", "x: torch.gather (ATen, before)"), ("rope", "rope: torch.gather (ATen, gather_tokens)"),
+            ("restore", "restore: scatter (ATen, before)"), ("add", "restore: scatter_add (ATen, before)"))}
         row = [model, str(n), str(k)]
         for name, fn in cands.items():
             if "floor" not in name:

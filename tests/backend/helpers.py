@@ -29,6 +29,25 @@ def sampler_call(name: str, batch: int = 1, **extra) -> Callable[[Callable], tup
     return lambda fn: fn(B=batch, label_B=labels, g_seed=7, cfg=1.5, return_logits=True, **extra)
 
 
+def generate_twice(family: str, options: dict, on_warm: Callable[[], None] | None = None,
+                   **compile_kwargs) -> tuple[list[torch.Tensor], int]:
+    """Compile zoo model ``family``'s sampler with toprovar (Dynamo reset first) and generate twice
+    (batch 1, CFG): the second generation's per-scale logits, and the session's planned calls after
+    the first (which compiles and warms up; ``on_warm`` runs after it)."""
+    from toprovar_fx.runtime.session import last_session
+
+    torch._dynamo.reset()
+    fast = torch.compile(model(family).autoregressive_infer_cfg, backend="toprovar", options=options,
+                         **compile_kwargs)
+    call = sampler_call(family, 1)
+    call(fast)
+    planned_before = last_session().planned_calls
+    if on_warm is not None:
+        on_warm()
+    _, logits = call(fast)
+    return list(logits), planned_before
+
+
 def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """Largest per-scale ``max|a - b| / max|b|``."""
     assert len(a) == len(b)
@@ -40,4 +59,4 @@ def uniform_sdpa(q, k, v, *args, **kwargs):
     return v.mean(dim=-2, keepdim=True).expand(*q.shape[:-1], v.shape[-1])
 
 
-__all__ = ["F", "max_rel_diff", "model", "sampler_call", "uniform_sdpa"]
+__all__ = ["F", "generate_twice", "max_rel_diff", "model", "sampler_call", "uniform_sdpa"]

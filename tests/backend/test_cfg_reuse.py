@@ -8,7 +8,7 @@ from toprovar_fx.policies import load_policy
 from toprovar_fx.runtime.session import last_session
 from toprovar_fx.zoo.var import AdaLNSelfAttnBlock
 
-from .helpers import max_rel_diff, model, sampler_call
+from .helpers import generate_twice, max_rel_diff, model, sampler_call
 
 
 def test_reuse_cond_matches_a_hand_written_reference(monkeypatch):
@@ -84,17 +84,10 @@ def test_cond_only_blocks_run_planned_and_change_nothing(monkeypatch, name, pres
 
     monkeypatch.setattr(runners, "apply_plan_effects", recording)
     family = name.removesuffix("-skipvar")
-    m = model(family)
-    call = sampler_call(family, 1)
     results = {}
     for planned in (False, True):
-        torch._dynamo.reset()
         opts = {"policy": name, "strict": True, "planned_blocks": planned} | ({"preset": preset} if preset else {})
-        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts, dynamic=True)
-        call(fast)
-        before = last_session().planned_calls
-        cond_plans.clear()
-        _, logits = call(fast)
+        logits, before = generate_twice(family, opts, on_warm=cond_plans.clear, dynamic=True)
         rep = toprovar_fx.last_generation()
         assert rep.fallbacks == []
         results[planned] = (logits, last_session().planned_calls - before,

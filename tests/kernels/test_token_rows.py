@@ -60,6 +60,7 @@ def _run_triton_cases() -> dict[str, dict[str, bool]]:
         t, full, idx, src = _case(name)
         want = _aten(t, full, idx, src)
         assert token_rows.rows_eligible(t, idx, 1, interpret=True), name
+        assert token_rows.scatter_eligible(full, idx, src, interpret=True), name
         got = {
             "gather": token_rows.gather_rows(t, idx),
             "scatter": token_rows.scatter_rows(full, idx, src, add=False),
@@ -101,11 +102,17 @@ def test_the_route_can_be_forced_and_a_bad_value_is_named(monkeypatch: pytest.Mo
 
 
 def test_eligibility_keeps_everything_else_on_aten() -> None:
-    from toprovar_fx.kernels.token_rows import rows_eligible
+    from toprovar_fx.kernels.token_rows import rows_eligible, scatter_eligible
 
     t = torch.randn(2, 10, 8)
     idx = torch.tensor([[1, 4, 7], [0, 2, 9]])
+    src = torch.randn(2, 3, 8)
     assert rows_eligible(t, idx, 1, interpret=True)
+    assert scatter_eligible(t, idx, src, interpret=True)
+    assert not scatter_eligible(t, idx, src.half(), interpret=True)  # another dtype
+    assert not scatter_eligible(t[:1], idx, src, interpret=True)  # a broadcast base has no rows to write
+    assert not scatter_eligible(t, idx, torch.randn(2, 3, 4), interpret=True)  # other channels
+    assert not scatter_eligible(t, idx, src, interpret=False)  # the CPU
     assert not rows_eligible(t, idx, 1)  # a CPU tensor outside the interpreter
     assert not rows_eligible(t, idx, 2, interpret=True)  # tokens on another dim (the RoPE rows)
     assert not rows_eligible(t.transpose(1, 2).contiguous().transpose(1, 2), idx, 1, interpret=True)  # strided channels
@@ -132,7 +139,7 @@ def test_token_ops_take_the_aten_route_on_cpu() -> None:
 def _generate(out_path: str | None = None) -> tuple[list[torch.Tensor], int, int]:
     """A planned infinity-tiny generation (the second call of a compiled sampler): its per-scale
     logits, how many row kernels it launched and how many blocks ran planned."""
-    from tests.backend.helpers import model, sampler_call
+    from tests.backend.helpers import generate_twice
     from toprovar_fx.kernels import token_rows
     from toprovar_fx.runtime.session import last_session
 
@@ -145,15 +152,8 @@ def _generate(out_path: str | None = None) -> tuple[list[torch.Tensor], int, int
 
     token_rows._launch = counted
     try:
-        torch._dynamo.reset()
-        fast = torch.compile(model("infinity-tiny").autoregressive_infer_cfg, backend="toprovar",
-                             options={"policy": "infinity-tiny"})
-        call = sampler_call("infinity-tiny", 1)
-        call(fast)
-        planned_before = last_session().planned_calls
-        launches.clear()
-        _, logits = call(fast)
-        return list(logits), len(launches), last_session().planned_calls - planned_before
+        logits, planned_before = generate_twice("infinity-tiny", {"policy": "infinity-tiny"}, on_warm=launches.clear)
+        return logits, len(launches), last_session().planned_calls - planned_before
     finally:
         token_rows._launch = launch
 

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 import toprovar_fx
-from tests.backend.helpers import max_rel_diff, model, sampler_call
+from tests.backend.helpers import generate_twice, max_rel_diff, model, sampler_call
 from toprovar_fx.lowering import cuda_graphs, runners
 from toprovar_fx.lowering.cuda_graphs import CudaGraphCache, mutates_inputs
 from toprovar_fx.policies import load_policy
@@ -830,17 +830,11 @@ _VARIANTS = {"skip-after-d": _skip_after_d, "cached-restore": _cached_restore}
 def test_planned_blocks_change_nothing(name, preset, policy):
     """Blocks run from a plan (option planned_blocks) exactly as through the dispatcher."""
     family = name.removesuffix("-fastvar-released")
-    m = model(family)
-    call = sampler_call(family, 1)
     results = {}
     for planned in (False, True):
-        torch._dynamo.reset()
         opts = ({"policy": _VARIANTS[policy](name) if policy else name, "planned_blocks": planned}
                 | ({"preset": preset} if preset else {}))
-        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
-        call(fast)
-        planned_before = last_session().planned_calls
-        _, logits = call(fast)
+        logits, planned_before = generate_twice(family, opts)
         rep = toprovar_fx.last_generation()
         sess = last_session()
         runs = sess.planned_calls

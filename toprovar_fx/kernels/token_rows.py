@@ -40,7 +40,7 @@ _IMPL_ENV = "TOPROVAR_TOKEN_ROWS_IMPL"
 _IMPLS = ("auto", "aten", "triton")
 _MAX_BLOCK = 1024  # channels per program: 2 KiB of bf16, 16-byte vector loads over 4 warps
 
-__all__ = ["gather_rows", "rows_eligible", "scatter_rows"]
+__all__ = ["gather_rows", "rows_eligible", "scatter_eligible", "scatter_rows"]
 
 
 def _rest_contiguous(t: torch.Tensor) -> bool:
@@ -62,16 +62,31 @@ def _impl() -> str:
 def rows_eligible(t: torch.Tensor, idx: torch.Tensor, dim: int, interpret: bool = False) -> bool:
     """Whether ``t`` and ``idx`` meet this module's preconditions (``interpret``: CPU tensors under
     ``TRITON_INTERPRET=1``, for tests; ``TOPROVAR_TOKEN_ROWS_IMPL`` may force either route)."""
+    return dim == 1 and _route_open(t, interpret) and _fits(t, idx)
+
+
+def scatter_eligible(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, interpret: bool = False) -> bool:
+    """Whether ``scatter_rows(base, idx, src, ...)`` may run: both meet ``rows_eligible``'s
+    preconditions, ``base`` has all rows and ``src`` its channels and dtype."""
+    return (base.shape[0] == src.shape[0] == idx.shape[0] and src.dtype == base.dtype
+            and src.shape[2:] == base.shape[2:] and _route_open(base, interpret) and _fits(base, idx) and _fits(src, idx))
+
+
+def _route_open(t: torch.Tensor, interpret: bool) -> bool:
+    """The kernel may be used at all: triton present, not forced off, a device it runs on, not traced."""
     impl = _impl()
     if impl == "aten" or triton is None:
         return False
-    on_device = t.is_cuda or interpret or (impl == "triton" and interpret_mode())
+    return ((t.is_cuda or interpret or (impl == "triton" and interpret_mode()))
+            and not torch.compiler.is_compiling())
+
+
+def _fits(t: torch.Tensor, idx: torch.Tensor) -> bool:
     # plain tensors only: a subclass (a fake tensor under tracing, a parameter) keeps to ATen, whose
     # ops it knows how to handle
-    return (type(t) is torch.Tensor and type(idx) is torch.Tensor and on_device and dim == 1 and t.dim() >= 2
-            and t.dtype in _DTYPES and idx.dtype == torch.int64 and idx.dim() == 2 and idx.is_contiguous()
-            and idx.device == t.device and t.shape[0] in (1, idx.shape[0]) and _rest_contiguous(t)
-            and not torch.compiler.is_compiling())
+    return (type(t) is torch.Tensor and type(idx) is torch.Tensor and t.dim() >= 2 and t.dtype in _DTYPES
+            and idx.dtype == torch.int64 and idx.dim() == 2 and idx.is_contiguous() and idx.device == t.device
+            and t.shape[0] in (1, idx.shape[0]) and _rest_contiguous(t))
 
 
 if triton is not None:
@@ -125,7 +140,7 @@ def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def scatter_rows(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, add: bool) -> torch.Tensor:
     """A copy of ``base [rows, N, *rest]`` with ``src [rows, k, *rest]`` written (``add``: added) at
     ``idx``: ``base.scatter(1, ...)`` / ``base.scatter_add(1, ...)`` with the index expanded over
-    ``rest``. ``rows_eligible`` holds for ``(base, idx)`` and ``(src, idx)``; ``base`` has all rows."""
+    ``rest``. ``scatter_eligible(base, idx, src)`` holds."""
     out = base.clone()
     _launch(src, idx, out, gather=False, add=add)
     return out

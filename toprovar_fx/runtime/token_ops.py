@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels.token_rows import gather_rows, rows_eligible, scatter_rows
+from ..kernels.token_rows import gather_rows, rows_eligible, scatter_eligible, scatter_rows
 from .entropy_stats import per_image
 
 
@@ -46,15 +46,9 @@ def entropy_indices(ent: torch.Tensor, k: int, rows: int, shared: bool) -> torch
     return idx.sort(dim=1).values
 
 
-def _rows_kernel_fits(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether ``kernels/token_rows.scatter_rows`` may write ``src`` into a copy of ``base``."""
-    return (base.shape[0] == src.shape[0] == idx.shape[0] and src.dtype == base.dtype
-            and src.shape[2:] == base.shape[2:] and rows_eligible(base, idx, 1) and rows_eligible(src, idx, 1))
-
-
 def restore_identity(x: torch.Tensor, idx: torch.Tensor, delta_kept: torch.Tensor) -> torch.Tensor:
     """Pruned tokens pass unchanged: ``x`` with ``delta_kept`` added at the kept positions."""
-    if _rows_kernel_fits(x, idx, delta_kept):
+    if scatter_eligible(x, idx, delta_kept):
         return scatter_rows(x, idx, delta_kept, add=True)
     return x.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), delta_kept)
 
@@ -73,7 +67,7 @@ class KeptTokens:
 def restore_kept(base: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``base`` with rows ``kept`` written at the kept positions: the chain of ``restore_identity``
     calls it replaces gives the same values (each adds a branch output at the same positions)."""
-    if _rows_kernel_fits(base, idx, kept):
+    if scatter_eligible(base, idx, kept):
         return scatter_rows(base, idx, kept, add=False)
     return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), kept)
 
