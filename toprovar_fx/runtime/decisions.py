@@ -197,15 +197,15 @@ class Decider:
         after_d = pol.scale.mode == "skip_after_D" and gen.start_scale is not None and scale > gen.start_scale
         if res is None or scale in res.skip_scales or scale in gen.skipped or after_d:
             return None
+        cached = pol.restore.mode == "cached_scale" and res.cached_scale == scale  # records branch outputs
         if res.reuse_cond_from is not None and scale >= res.reuse_cond_from:
             # SkipVAR's CFG shortcut: a block that keeps every branch runs them on the cond rows
             # (``cond``, a planned block only; the dispatcher's ``_cond_only``)
-            cached = pol.restore.mode == "cached_scale" and res.cached_scale == scale  # records outputs
             if not plannable or self.override is not None or cached:
                 return None
             return "cond" if self._block_action(res, scale, layer, same, plannable) == "keep" else None
         action = self._block_action(res, scale, layer, same, plannable)
-        if pol.restore.mode == "cached_scale" and res.cached_scale == scale:
+        if cached:
             # the dispatcher keeps the branch outputs of a kept block here: the dense variant
             # cannot, a planned block can (``cache``); anything else at this scale is its own
             return "cache" if action == "keep" else None
