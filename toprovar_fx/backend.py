@@ -21,7 +21,9 @@ from .lowering.cuda_graphs import CudaGraphCache, mutates_inputs
 from .lowering.runners import GraphRunner, PlannedBlockRunner, ScaleSwitchRunner
 from .passes.context import PassContext
 from .passes.graph_utils import is_static_input
+from .passes.hoist_context import ContextSplit, split_context
 from .passes.pipeline import run_passes
+from .runtime.context_memo import ContextMemo, ContextRunner
 from .runtime.dispatch import accumulate_scale, dispatch_branch
 from .runtime.session import Session
 from .settings import Settings, parse_options
@@ -220,6 +222,33 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunne
                               ctx.n_outputs, ctx.outputs_sequence, wrap)
 
 
+def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Session) -> ContextMemo:
+    """The memo of a graph's hoisted context; its ``pre`` compiled by Inductor where the graph is.
+    Graphs whose context is the same computation (Dynamo compiles a block once per scale shape)
+    share one memo, so each block computes its context once per text, not once per graph."""
+    key = split.signature
+    memo = session.context_memos.get(key) if key is not None else None
+    if memo is not None:
+        return memo
+    args = [example_inputs[i] for i in split.pre_inputs]
+    pre: Callable = split.pre.forward
+    if _wants_inductor(session.settings, args):
+        from torch._inductor.compile_fx import compile_fx
+
+        try:
+            pre = compile_fx(split.pre, args)
+        except Exception as err:  # noqa: BLE001 - the context runs once per text: eager costs little
+            if session.settings.strict:
+                raise
+            log.info("toprovar: the hoisted context could not be compiled (%s: %s); it runs eagerly",
+                     type(err).__name__, err)
+    static = [is_static_input(p) for p in split.pre.graph.find_nodes(op="placeholder")]
+    memo = ContextMemo(pre, static, on_compute=session.note_context_compute)
+    if key is not None:
+        session.context_memos[key] = memo
+    return memo
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Session) -> Callable:
     """Run the passes over one Dynamo graph and return what Dynamo should call instead."""
     settings = session.settings
@@ -227,12 +256,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
     _ensure_recompile_budget(settings.recompile_limit)
     graph_id = session.graphs
     try:
+        split = split_context(gm, example_inputs) if settings.hoist_context else None
+        main, main_inputs = (gm, example_inputs) if split is None else (split.main, [*example_inputs, *split.example_values])
         if settings.resolved_mode == "prune":
-            runner = _compile_prune(gm, example_inputs, session, graph_id)
+            runner = _compile_prune(main, main_inputs, session, graph_id)
         else:
-            ctx = PassContext(session=session, example_inputs=example_inputs, graph_id=graph_id, mode="observe")
-            work = run_passes(_copy_graph_module(gm), ctx)
+            ctx = PassContext(session=session, example_inputs=main_inputs, graph_id=graph_id, mode="observe")
+            work = run_passes(_copy_graph_module(main), ctx)
             runner = _runner(session, _lower_whole(work, ctx), ctx)
+        if split is not None:
+            runner = ContextRunner(runner, _context_memo(split, example_inputs, session), split.pre_inputs)
     except RestartAnalysis:
         # Dynamo's signal to trace the frame again (Inductor's float-scalar pass raises it under
         # dynamic=True): it calls the backend again with the new graph. Swallowed, the graph ran

@@ -44,6 +44,9 @@ class Settings:
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
     # CUDA graphs per decision signature (runtime/block_plans.py).
     planned_blocks: bool = True
+    # Compute each cross-attention's text K/V once per block and text, not in every block call
+    # (passes/hoist_context.py).
+    hoist_context: bool = True
     # Raise instead of falling back to dense execution.
     strict: bool = False
     # Dynamo's recompile limit is raised to at least this so that every scale of a
@@ -77,6 +80,8 @@ _OPTION_DOCS = {
                                   "(default: 1/16 of the GPU's memory)",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
                       "(default on)",
+    "hoist_context": "bool: compute the cross-attention K/V of the text once per block and text instead of "
+                     "at every scale (default on)",
     "strict": "bool: raise instead of falling back to dense",
     "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
     "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
@@ -98,7 +103,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         raise ValueError(f"toprovar: option 'mode' must be one of {VALID_MODES}, got {mode!r}")
     if mode == "prune" and options.get("policy") is None:
         raise ValueError("toprovar: option mode='prune' needs option 'policy' (a name, YAML path or dict)")
-    for key in ("inductor", "strict", "cuda_graphs", "planned_blocks", "cuda_graph_lend_outputs"):
+    for key in ("inductor", "strict", "cuda_graphs", "planned_blocks", "cuda_graph_lend_outputs", "hoist_context"):
         val = options.get(key)
         if val is not None and not isinstance(val, bool):
             raise ValueError(f"toprovar: option {key!r} must be a bool, got {val!r}")
@@ -136,6 +141,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", True)),
         cuda_graph_private_max_mib=None if private_mib is None else float(private_mib),
         planned_blocks=bool(options.get("planned_blocks", True)),
+        hoist_context=bool(options.get("hoist_context", True)),
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,
         schedules=schedules,

@@ -34,33 +34,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..passes.graph_utils import writes_into
+
 log = logging.getLogger("toprovar")
-
-_VIEW_OPS = {
-    "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "select", "narrow",
-    "as_strided", "chunk", "split", "unflatten", "flatten", "t", "view_as", "unbind", "contiguous",
-}
-
-
-def _op_name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
 
 def mutates_inputs(graph: fx.Graph) -> bool:
     """Whether an in-place op (``add_``, ``copy_``, ``x[i] = v``) writes into a graph input or a view of one."""
-    aliases: set[fx.Node] = set(graph.find_nodes(op="placeholder"))
-    for node in graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        name = _op_name(node)
-        first = node.args[0] if node.args else None
-        if first in aliases and (name in _VIEW_OPS or name == "getitem"):
-            aliases.add(node)
-        in_place = (name.endswith("_") and not name.endswith("__")) or name in ("setitem", "__setitem__")
-        if in_place and first in aliases:
-            return True
-    return False
+    return writes_into(graph, set(graph.find_nodes(op="placeholder")))
 
 
 class StaticInput:

@@ -18,17 +18,48 @@ def example_value(node: fx.Node):
 
 
 def is_static_input(node: fx.Node) -> bool:
-    """True for parameters and buffers (module state), which never carry tokens."""
+    """True for parameters and buffers (module state), which never carry tokens, and for the
+    hoisted cross-attention context (``passes/hoist_context.py``), held at a fixed address too."""
     if node.op == "get_attr":
         return True
     if node.op != "placeholder":
         return False
+    if node.meta.get("toprovar_context"):
+        return True
     src = node.meta.get("grapharg")
     name = str(getattr(src, "source", "")) if src is not None else ""
     if "Param" in name or "_parameters" in node.name or "_buffers" in node.name:
         return True
     ex = getattr(src, "example", None) if src is not None else None
     return isinstance(ex, torch.nn.Parameter)
+
+
+_VIEW_OPS = {
+    "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "select", "narrow",
+    "as_strided", "chunk", "split", "unflatten", "flatten", "t", "view_as", "unbind", "contiguous",
+}
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def writes_into(graph: fx.Graph, roots: set[fx.Node]) -> bool:
+    """Whether an in-place op (``add_``, ``copy_``, ``x[i] = v``) writes into a value of ``roots`` or
+    a view of one."""
+    aliases = set(roots)
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = _op_name(node)
+        first = node.args[0] if node.args else None
+        if first in aliases and (name in _VIEW_OPS or name == "getitem"):
+            aliases.add(node)
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in ("setitem", "__setitem__")
+        if in_place and first in aliases:
+            return True
+    return False
 
 
 def ancestors(node: fx.Node, stop: set[fx.Node] | None = None, values_only: bool = False) -> set[fx.Node]:

@@ -56,6 +56,9 @@ class GenerationReport:
     recompiles: int = 0  # compiles during a generation that was not the session's first
     compile_seconds: float = 0.0
     planned_blocks: int = 0  # blocks run from a plan inside a CUDA graph (option planned_blocks)
+    # hoisted cross-attention contexts (text K/V) computed in this session so far: one per block
+    # and text (option hoist_context), not one per block call
+    context_computes: int = 0
     # calls of this generation (from its first attention on) replayed from a CUDA graph, and calls
     # that had a graph but ran without it because an output it lent was still held (option
     # cuda_graph_lend_outputs); None with cuda_graph_pool: private

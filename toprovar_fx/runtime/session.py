@@ -106,6 +106,8 @@ class Session:
         # accounts when it runs the block, exactly as the dispatcher would for kept branches
         self.block_specs: dict[int, tuple[int, ...]] = {}
         self.planned_calls = 0  # blocks run from a plan (lowering.runners.PlannedBlockRunner)
+        self.context_computes = 0  # hoisted cross-attention contexts computed (runtime/context_memo.py)
+        self.context_memos: dict[str, Any] = {}  # context code -> its ContextMemo, shared by graphs
         # the running generation's first active scale once the decider knows it
         # (``Decider.first_active_scale``), else -1: a graph call holding at most one self-attention
         # whose clock is two or more scales before it keeps every branch (``dense_ahead``, asked
@@ -137,6 +139,9 @@ class Session:
     def add_branch(self, spec: Any) -> int:
         self.branches.append(spec)
         return len(self.branches) - 1
+
+    def note_context_compute(self) -> None:
+        self.context_computes += 1
 
     def note_compile(self, seconds: float) -> None:
         self.graphs += 1
@@ -344,6 +349,7 @@ class Session:
         rep.recompiles = rep.compiles if gen.index > 0 else 0
         rep.compile_seconds = self.compile_seconds - gen.compile_seconds_before
         rep.planned_blocks = self.planned_calls - gen.planned_before
+        rep.context_computes = self.context_computes
         now, before = self._graph_counts(), gen.graph_counts_before
         if now is not None:
             before = before or (0, 0)
