@@ -243,7 +243,16 @@ def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Sessi
             log.info("toprovar: the hoisted context could not be compiled (%s: %s); it runs eagerly",
                      type(err).__name__, err)
     static = [is_static_input(p) for p in split.pre.graph.find_nodes(op="placeholder")]
-    memo = ContextMemo(pre, static, on_compute=session.note_context_compute)
+    capture = None
+    if _wants_cuda_graphs(session.settings, args):
+        limit = int(session.settings.cuda_graph_max_mib * 2**20)
+
+        def capture(fill: Callable[..., None]) -> Callable[..., None]:
+            """A block's context computed again by one CUDA-graph replay (weights keyed by address,
+            the text copied in once per generation: the blocks share its input buffer)."""
+            return CudaGraphCache(fill, static, limit, name="hoisted context", pool=session.graph_pool())
+
+    memo = ContextMemo(pre, static, on_compute=session.note_context_compute, capture=capture)
     if key is not None:
         session.context_memos[key] = memo
     return memo

@@ -1309,3 +1309,34 @@ def test_planned_blocks_hand_kept_tokens_on_between_pruned_branches(monkeypatch,
     blocks = calls_on["restore_kept"]
     assert blocks > 0 and "restore_identity" not in calls_on and pruned_branches == len(chain) * blocks
     assert calls_off["gather_tokens"] - calls_on["gather_tokens"] == pruned_branches - blocks
+
+
+def test_hoisted_context_is_computed_again_by_a_replay_into_the_same_buffers():
+    from toprovar_fx.runtime.context_memo import ContextMemo
+
+    api = _FakeGraphAPI()
+    caches = []
+
+    def capture(fill):
+        caches.append(CudaGraphCache(fill, static=[False, True], max_bytes=1 << 20, api=api, device_type="cpu"))
+        return caches[-1]
+
+    def pre(text, w):
+        kv = text @ w
+        return kv, kv.sum(0)
+
+    memo = ContextMemo(pre, [False, True], capture=capture)
+    w = torch.randn(4, 3)
+    texts = [torch.randn(2, 4) for _ in range(3)]
+    first = memo([texts[0], w])
+    addresses = [v.data_ptr() for v in first]
+    assert api.captures == 0  # the first text: computed directly, into new buffers
+    for i, text in enumerate(texts[1:], start=1):
+        got = memo([text, w])
+        torch.testing.assert_close(got[0], text @ w)
+        torch.testing.assert_close(got[1], (text @ w).sum(0))
+        assert [v.data_ptr() for v in got] == addresses
+        assert api.captures == 1 and caches[0].replays == i  # captured once, then replayed
+    assert memo.computes == 3
+    memo([texts[2], w])
+    assert memo.computes == 3 and caches[0].replays == 2  # unchanged text: nothing run

@@ -66,7 +66,7 @@ def _signature(graph: fx.Graph, args: list[Any]) -> tuple[Any, ...] | None:
         index[n] = i
         norm = fx.map_arg((n.args, n.kwargs), lambda a: ("node", index[a]))
         ops.append((n.op, n.target if n.op != "placeholder" else None, repr(norm)))
-    layouts = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a)
+    layouts = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", a)
                     for a in args)
     return tuple(ops), layouts
 
@@ -153,14 +153,19 @@ def split_context(gm: fx.GraphModule, example_inputs: list[Any]) -> ContextSplit
     copied: dict[fx.Node, fx.Node] = {}
     main_graph.output(main_graph.graph_copy(gm.graph, copied))
     main = fx.GraphModule(gm, main_graph)
-    fake = next((v.fake_mode for p in placeholders if isinstance(v := example_value(p), torch.Tensor)
-                 and hasattr(v, "fake_mode")), None)
+    # The fake mode Inductor will use: the tracing context's while Dynamo calls the backend (a mode
+    # of its own since torch 2.x, sharing Dynamo's shape env), which must see these values with
+    # static shapes: a symbol it made for them would have no source for Dynamo's guards (torch
+    # 2.11: IndexError in produce_guards)
+    fake = torch._guards.detect_fake_mode() or next(
+        (v.fake_mode for p in placeholders if isinstance(v := example_value(p), torch.Tensor) and hasattr(v, "fake_mode")),
+        None)
     last = list(main.graph.find_nodes(op="placeholder"))[-1]
     dead = {copied[n] for n in context}
     for n, value in zip(cut, values):
         with main.graph.inserting_after(last):
             ph = main.graph.placeholder(f"toprovar_context_{n.name}")
-        ph.meta["example_value"] = fake.from_tensor(value) if fake is not None else value
+        ph.meta["example_value"] = fake.from_tensor(value, static_shapes=True) if fake is not None else value
         ph.meta[CONTEXT_META] = True
         old = copied[n]
         for u in list(old.users):
