@@ -38,6 +38,7 @@ from ..passes.graph_utils import writes_into
 
 log = logging.getLogger("toprovar")
 
+
 def mutates_inputs(graph: fx.Graph) -> bool:
     """Whether an in-place op (``add_``, ``copy_``, ``x[i] = v``) writes into a graph input or a view of one."""
     return writes_into(graph, set(graph.find_nodes(op="placeholder")))

@@ -11,8 +11,9 @@ Expects: a Dynamo graph whose nodes carry ``example_value`` meta, and its exampl
 Finds each cross-attention (``find_attention_sites``: keys that share no non-parameter input
 with the queries) and, for its K, V and mask, the nodes computed from graph inputs that feed
 nothing on the query side (not the residual stream, not the token count): the context.
-Guarantees: ``split_context`` returns None (nothing worth hoisting: no GEMM in the context, an
-in-place or random op in it, a non-tensor or graph output at the cut, inference tensors) or a
+Guarantees: ``split_context`` returns None (nothing worth hoisting: no GEMM in the context, a
+random op in it or an in-place write into it, a non-tensor or graph output at the cut, inference
+tensors, a symbolic input or cut shape) or a
 ``ContextSplit`` where ``main(*args, *pre(*(args[i] for i in pre_inputs)))`` equals
 ``gm(*args)``. ``main`` is ``gm`` without the context nodes and with one placeholder per cut
 value appended after its inputs (``meta["toprovar_context"]``: module state for
@@ -130,7 +131,7 @@ def split_context(gm: fx.GraphModule, example_inputs: list[Any]) -> ContextSplit
     args = [example_inputs[i] for i in pre_inputs]
     if any(isinstance(a, torch.Tensor) and a.is_inference() for a in args):
         return None  # no version counter: the memo could never tell an unchanged text
-    if any(not isinstance(a, (torch.Tensor, int, float, bool)) or isinstance(a, torch.SymInt) for a in args) or any(
+    if not all(isinstance(a, (torch.Tensor, int, float, bool)) for a in args) or any(
             not all(isinstance(d, int) for d in example_value(n).shape) for n in cut):
         # a text length Dynamo made symbolic (prompts of other lengths): the buffers would need
         # symbolic shapes in the main graph; such graphs keep their context
