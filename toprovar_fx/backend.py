@@ -222,6 +222,19 @@ def _planned_runner(work: fx.GraphModule, ctx: PassContext) -> PlannedBlockRunne
                               ctx.n_outputs, ctx.outputs_sequence, wrap)
 
 
+def _split_context(gm: fx.GraphModule, example_inputs: list[Any], settings: Settings) -> ContextSplit | None:
+    """``split_context``, or None where it failed: the graph then keeps its context, and the rest of
+    the backend still applies (a failed cut must not send the whole graph to the dense fallback)."""
+    try:
+        return split_context(gm, example_inputs)
+    except Exception as err:  # noqa: BLE001 - the cut is an optimisation
+        if settings.strict:
+            raise
+        log.info("toprovar: the cross-attention context could not be cut out (%s: %s); the graph keeps it",
+                 type(err).__name__, err)
+        return None
+
+
 def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Session) -> ContextMemo:
     """The memo of a graph's hoisted context; its ``pre`` compiled by Inductor where the graph is.
     Graphs whose context is the same computation (Dynamo compiles a block once per scale shape)
@@ -265,7 +278,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
     _ensure_recompile_budget(settings.recompile_limit)
     graph_id = session.graphs
     try:
-        split = split_context(gm, example_inputs) if settings.hoist_context else None
+        split = _split_context(gm, example_inputs, settings) if settings.hoist_context else None
         main, main_inputs = (gm, example_inputs) if split is None else (split.main, [*example_inputs, *split.example_values])
         if settings.resolved_mode == "prune":
             runner = _compile_prune(main, main_inputs, session, graph_id)

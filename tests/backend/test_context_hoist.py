@@ -35,3 +35,23 @@ def test_hoisted_context_gives_the_same_logits_and_runs_once_per_block(options):
         assert max_rel_diff(got, want) < 1e-6
     # the third prompt differs (same length): its logits are not the first's, as a stale context would give
     assert max_rel_diff(hoisted[2], hoisted[0]) > 1e-3
+
+
+def test_a_failed_cut_keeps_the_context_and_nothing_runs_dense(monkeypatch):
+    import toprovar_fx.backend as backend
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("cut failed")
+
+    monkeypatch.setattr(backend, "split_context", broken)
+    m = model("infinity-tiny")
+    cond = m.encode_prompts(["a red cat on a mat"])
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"mode": "observe"})
+    _, logits = fast(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)
+    session = last_session()
+    assert session.context_computes == 0
+    assert not any("runs dense" in f for f in session.session_fallbacks + session.gen.fallbacks)
+    assert session.report().attention_rewrites > 0
+    _, want = m.autoregressive_infer_cfg(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)
+    assert max_rel_diff(list(logits), list(want)) < 1e-5
