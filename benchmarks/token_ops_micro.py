@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toprovar_fx.kernels.token_rows import IMPL_ENV  # noqa: E402
 from toprovar_fx.runtime.token_ops import gather_tokens, restore_identity, restore_kept  # noqa: E402
 from toprovar_fx.tools.bench import environment, write_markdown  # noqa: E402
 
 CALLS_PER_REPLAY = 20
-IMPL_ENV = "TOPROVAR_TOKEN_ROWS_IMPL"
 # (model, width, head_dim, N, k): the last four scales of the balanced policy (kept fraction from
 # the e2e reports' FLOP ratios, roughly)
 CASES = [

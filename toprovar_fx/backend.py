@@ -240,7 +240,7 @@ def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Sessi
     Graphs whose context is the same computation (Dynamo compiles a block once per scale shape)
     share one memo, so each block computes its context once per text, not once per graph."""
     key = split.signature
-    memo = session.context_memos.get(key) if key is not None else None
+    memo = session.context_memos.get(key)
     if memo is not None:
         return memo
     args = [example_inputs[i] for i in split.pre_inputs]
@@ -265,9 +265,8 @@ def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Sessi
             the text copied in once per generation: the blocks share its input buffer)."""
             return CudaGraphCache(fill, static, limit, name="hoisted context", pool=session.graph_pool())
 
-    memo = ContextMemo(pre, static, on_compute=session.note_context_compute, capture=capture)
-    if key is not None:
-        session.context_memos[key] = memo
+    memo = ContextMemo(pre, static, capture=capture)
+    session.context_memos[key if key is not None else id(memo)] = memo
     return memo
 
 

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_IMPL_ENV = "TOPROVAR_TOKEN_ROWS_IMPL"
+IMPL_ENV = "TOPROVAR_TOKEN_ROWS_IMPL"
 _IMPLS = ("auto", "aten", "triton")
 _MAX_BLOCK = 1024  # channels per program: 2 KiB of bf16, 16-byte vector loads over 4 warps
 
@@ -53,9 +53,9 @@ def _rest_contiguous(t: torch.Tensor) -> bool:
 
 
 def _impl() -> str:
-    impl = os.environ.get(_IMPL_ENV, "auto").lower()
+    impl = os.environ.get(IMPL_ENV, "auto").lower()
     if impl not in _IMPLS:
-        raise ValueError(f"toprovar: environment variable {_IMPL_ENV} must be one of {_IMPLS}, got {impl!r}")
+        raise ValueError(f"toprovar: environment variable {IMPL_ENV} must be one of {_IMPLS}, got {impl!r}")
     return impl
 
 

@@ -40,7 +40,8 @@ _VIEW_OPS = {
 }
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
+    """A call's target as a name (``add_``, ``linear``, ``getitem``)."""
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
@@ -52,7 +53,7 @@ def writes_into(graph: fx.Graph, roots: set[fx.Node]) -> bool:
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        name = _op_name(node)
+        name = op_name(node)
         first = node.args[0] if node.args else None
         if first in aliases and (name in _VIEW_OPS or name == "getitem"):
             aliases.add(node)

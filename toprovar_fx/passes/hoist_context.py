@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from ..runtime.context_memo import context_buffer
 from .find_attention import _arg, find_attention_sites
-from .graph_utils import LINEAR_FUNCS, ancestors, example_value, writes_into
+from .graph_utils import LINEAR_FUNCS, ancestors, example_value, op_name, writes_into
 
 log = logging.getLogger("toprovar")
 
@@ -72,11 +72,6 @@ def _signature(graph: fx.Graph, args: list[Any]) -> tuple[Any, ...] | None:
     return tuple(ops), layouts
 
 
-def _name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
 def _is_gemm(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _GEMMS) or (
         node.op == "call_method" and node.target in _GEMM_METHODS)
@@ -84,11 +79,16 @@ def _is_gemm(node: fx.Node) -> bool:
 
 def _impure(node: fx.Node) -> bool:
     """A random op: the same inputs give other values (in-place writes: ``writes_into``)."""
-    return any(r in _name(node) for r in _RANDOM)
+    return any(r in op_name(node) for r in _RANDOM)
 
 
-def _placeholders(nodes: set[fx.Node]) -> set[fx.Node]:
-    return {n for n in nodes if n.op == "placeholder"}
+def _fed_by(graph: fx.Graph, roots: set[fx.Node]) -> set[fx.Node]:
+    """``roots`` and every node computed from one of them (one pass in graph order)."""
+    fed = set(roots)
+    for n in graph.nodes:
+        if n not in fed and any(i in fed for i in n.all_input_nodes):
+            fed.add(n)
+    return fed
 
 
 def _context_nodes(gm: fx.GraphModule) -> set[fx.Node]:
@@ -98,16 +98,12 @@ def _context_nodes(gm: fx.GraphModule) -> set[fx.Node]:
         if site.kind != "cross":
             continue
         q_side = ancestors(site.q) | {site.q}
-        stream = _placeholders(q_side)
+        streamed = _fed_by(gm.graph, {n for n in q_side if n.op == "placeholder"})
         mask = _arg(site.node, 3, "attn_mask") if site.pattern == "sdpa" else None
         for t in (site.k, site.v, mask):
-            if not isinstance(t, fx.Node):
-                continue
-            for n in ancestors(t) | {t}:
-                if n.op in ("placeholder", "output") or n in q_side:
-                    continue
-                if not (_placeholders(ancestors(n)) & stream):
-                    context.add(n)
+            if isinstance(t, fx.Node):
+                context |= {n for n in ancestors(t) | {t}
+                            if n.op not in ("placeholder", "output") and n not in q_side and n not in streamed}
     return context
 
 

@@ -70,14 +70,13 @@ class ContextMemo:
     same inputs where there was one. ``static[j]`` marks the inputs that are module state (their
     identities key the entry). Graphs whose context is the same computation share one memo."""
 
-    def __init__(self, pre: Callable, static: Sequence[bool], on_compute: Callable[[], None] | None = None,
+    def __init__(self, pre: Callable, static: Sequence[bool],
                  capture: Callable[[Callable[..., None]], Callable[..., None]] | None = None) -> None:
         self.pre = pre
         self.n_inputs = len(static)
         self.static = tuple(j for j, s in enumerate(static) if s)
         self.entries: dict[tuple[int, ...], _Entry] = {}
         self.computes = 0
-        self.on_compute = on_compute
         # wraps an entry's ``fill`` (e.g. in a ``CudaGraphCache``: one replay instead of the
         # context's launches and copies, which cost ~140 us of host per block on Infinity-2B)
         self.capture = capture
@@ -100,8 +99,6 @@ class ContextMemo:
                 entry.fill(*inputs)
         entry.remember(inputs)
         self.computes += 1
-        if self.on_compute is not None:
-            self.on_compute()
         return entry
 
     def _filler(self, buffers: tuple[torch.Tensor, ...]) -> Callable[..., None]:

@@ -106,8 +106,9 @@ class Session:
         # accounts when it runs the block, exactly as the dispatcher would for kept branches
         self.block_specs: dict[int, tuple[int, ...]] = {}
         self.planned_calls = 0  # blocks run from a plan (lowering.runners.PlannedBlockRunner)
-        self.context_computes = 0  # hoisted cross-attention contexts computed (runtime/context_memo.py)
-        self.context_memos: dict[str, Any] = {}  # context code -> its ContextMemo, shared by graphs
+        # every ContextMemo of the session (runtime/context_memo.py), by the signature of the context
+        # it computes (graphs with the same one share it) or, unshareable, by its own identity
+        self.context_memos: dict[Any, Any] = {}
         # the running generation's first active scale once the decider knows it
         # (``Decider.first_active_scale``), else -1: a graph call holding at most one self-attention
         # whose clock is two or more scales before it keeps every branch (``dense_ahead``, asked
@@ -140,8 +141,10 @@ class Session:
         self.branches.append(spec)
         return len(self.branches) - 1
 
-    def note_context_compute(self) -> None:
-        self.context_computes += 1
+    @property
+    def context_computes(self) -> int:
+        """Hoisted cross-attention contexts computed in this session so far."""
+        return sum(memo.computes for memo in self.context_memos.values())
 
     def note_compile(self, seconds: float) -> None:
         self.graphs += 1
