@@ -276,13 +276,35 @@ def build_model(name: str, device: str, dtype: torch.dtype) -> tuple[torch.nn.Mo
     return model, time.perf_counter() - t0
 
 
-def sampler_call(model: torch.nn.Module, batch: int, device: str) -> Callable[[Callable[..., Any]], Any]:
-    """``call(fn)`` runs one generation of ``batch`` images (CFG on: transformer batch ``2 * batch``)."""
-    if not hasattr(model, "encode_prompts"):
-        raise ValueError("e2e.py drives Infinity-family zoo models (text-conditional samplers) only")
-    cond = model.encode_prompts([PROMPT] * batch)
-    cond = tuple(c.to(device) if isinstance(c, torch.Tensor) else c for c in cond)
-    return lambda fn: fn(cond, B=batch, g_seed=G_SEED, cfg_list=CFG)
+class SamplerCall:
+    """``call(fn)`` runs one generation of ``batch`` images (CFG on: transformer batch ``2 * batch``).
+
+    With several prompts, the k-th call of a given ``fn`` takes prompt k mod n: every variant makes
+    the same calls in the same order (first call, warm-ups, logits, rounds, profile), so the
+    variants of one run see the same prompt at the same call and their images stay comparable.
+    Prompts of other text lengths make Dynamo recompile once with a symbolic length (what a user
+    who changes prompts gets); the warm-ups cover every prompt, so the timed runs compile nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, device: str, prompts: Sequence[str]) -> None:
+        if not hasattr(model, "encode_prompts"):
+            raise ValueError("e2e.py drives Infinity-family zoo models (text-conditional samplers) only")
+        self.batch = batch
+        self.conds = [tuple(c.to(device) if isinstance(c, torch.Tensor) else c for c in model.encode_prompts([p] * batch))
+                      for p in prompts]
+        self.calls: dict[int, int] = defaultdict(int)
+
+    def __call__(self, fn: Callable[..., Any]) -> Any:
+        k = self.calls[id(fn)]
+        self.calls[id(fn)] = k + 1
+        return fn(self.conds[k % len(self.conds)], B=self.batch, g_seed=G_SEED, cfg_list=CFG)
+
+
+def _prompts_text(prompts: Sequence[str]) -> str:
+    if len(prompts) == 1:
+        return f"prompt \"{prompts[0]}\""
+    return (f"{len(prompts)} prompts taken in turn (" + ", ".join(f"\"{p}\"" for p in prompts)
+            + "; every variant's k-th call takes the same one)")
 
 
 def kv_cache_bytes(model: torch.nn.Module) -> int:
@@ -791,7 +813,8 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
     if run.variant.kind == "toprovar":
         rep = toprovar_fx.last_generation()
         run.report = report_summary(rep) if rep is not None else None
-    run.logits = b.gen(run, capture_logits=True).logits  # same seed: the same generation, logits kept
+    # same seed (and, with one prompt, the same generation as the last warm-up): logits kept
+    run.logits = b.gen(run, capture_logits=True).logits
 
 
 def timed_phase(b: Bench) -> None:
@@ -880,7 +903,7 @@ def batch_memory_phase(b: Bench) -> None:
                 run.b8_note = f"skipped: {reason}"
         return
     try:
-        call = sampler_call(b.model, batch, b.device)
+        call = SamplerCall(b.model, batch, b.device, b.args.prompt)
     except Exception as err:  # noqa: BLE001
         b.notes.append(f"batch {batch}: {type(err).__name__}: {err}")
         return
@@ -1371,7 +1394,7 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
     tokens = sum(h * w for h, w in b.schedule)
     lines = [f"## {b.name}", "",
              f"Schedule {k} scales ({b.schedule[0][0]}x{b.schedule[0][1]} ... {b.schedule[-1][0]}x{b.schedule[-1][1]}, "
-             f"{tokens} tokens), prompt \"{PROMPT}\", CFG {CFG:g} (transformer batch 2 at batch 1), g_seed {G_SEED}, "
+             f"{tokens} tokens), {_prompts_text(b.args.prompt)}, CFG {CFG:g} (transformer batch 2 at batch 1), g_seed {G_SEED}, "
              f"random weights ({weights / 2**30:.2f} GiB); model built in {build_s:.1f} s. "
              f"{b.rounds_done} interleaved timed round(s) after {b.args.warmup} warm-up call(s) per variant.", ""]
     lines += ["### Latency (batch 1)", ""]
@@ -1525,7 +1548,7 @@ class Output:
                "settings": {"models": self.args.models, "device": self.args.device, "dtype": self.args.dtype,
                             "budget_s": self.args.budget_s, "rounds": self.args.rounds,
                             "warmup": self.args.warmup, "batch_mem": self.args.batch_mem,
-                            "profile": self.args.profile, "prompt": PROMPT, "g_seed": G_SEED, "cfg": CFG},
+                            "profile": self.args.profile, "prompts": self.args.prompt, "g_seed": G_SEED, "cfg": CFG},
                "notes": self.notes,
                "models": {name: m["json"] for name, m in self.models.items()}}
         (self.out / "e2e.json").write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")
@@ -1569,6 +1592,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-mem", type=int, default=None,
                     help="batch for the extra memory measurement (default 8 on CUDA, 0 = off on CPU)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled generations")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help=f"a prompt; repeat for several, taken in turn by every variant's calls (texts of other "
+                    f"lengths: what a user who changes prompts gets; --warmup is raised to cover them all); "
+                    f"default \"{PROMPT}\"")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown_models = sorted(set(args.models) - set(zoo.list_models()))
@@ -1585,6 +1612,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.batch_mem = 8 if args.device == "cuda" else 0
     if args.warmup < 1 or args.rounds < 1:
         ap.error("--warmup and --rounds must be >= 1")
+    args.prompt = args.prompt or [PROMPT]
+    args.warmup_asked = args.warmup
+    # the first call and the warm-ups take every prompt once: one first seen in a timed round would
+    # compile there (a new text length)
+    args.warmup = max(args.warmup, len(args.prompt) - 1)
     return args
 
 
@@ -1595,7 +1627,7 @@ def bench_model(name: str, args: argparse.Namespace, budget: Budget, output: Out
     marks = ScaleMarks(model, len(schedule), args.device)
     variants = [v for v in model_variants(name) if v.key in args.variants] + list(extra_variants)
     b = Bench(name=name, model=model, device=args.device, schedule=schedule, marks=marks,
-              call_b1=sampler_call(model, 1, args.device), runs=[VariantRun(v) for v in variants],
+              call_b1=SamplerCall(model, 1, args.device, args.prompt), runs=[VariantRun(v) for v in variants],
               budget=budget, args=args)
     marks.install()
     if args.device == "cuda":
@@ -1630,6 +1662,9 @@ def main(argv: Sequence[str] | None = None, extra_variants: Sequence[Variant] = 
     if not isinstance(toprovar_backend(), str):
         output.notes.append("backend passed as `toprovar_fx.backend.toprovar_backend` (the `toprovar` entry "
                             "point is not installed here); same function")
+    if args.warmup != args.warmup_asked:
+        output.notes.append(f"--warmup raised from {args.warmup_asked} to {args.warmup}: the first call and the "
+                            f"warm-ups take each of the {len(args.prompt)} prompts once before the timed rounds")
     budget = Budget(T_START + args.budget_s)
     # Every variant compiles the same block code objects: Dynamo's per-code-object limits must hold
     # all of them (toprovar raises recompile_limit to 64 only), scoped to this run.

@@ -383,3 +383,40 @@ def test_a_generation_is_estimated_from_the_fastest_warm_up(e2e: ModuleType) -> 
     assert run.warm_s() == pytest.approx(0.365)
     run.times_ms = [150.0, 140.0, 160.0]
     assert run.warm_s() == pytest.approx(0.150)
+
+
+def test_every_variant_takes_the_prompts_in_the_same_turn(e2e: ModuleType) -> None:
+    model = zoo.build("infinity-tiny", device="cpu")
+    call = e2e.SamplerCall(model, 1, "cpu", ["a cat", "two blue squares on a red mat"])
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+
+    def variant(key: str):
+        return lambda cond, **kw: seen[key].append(int(cond[0].shape[0]))  # the packed text's length
+
+    a, b = variant("a"), variant("b")
+    for fn in (a, a, b, a, b, b):
+        call(fn)
+    lengths = [int(c[0].shape[0]) for c in call.conds]
+    assert lengths[0] != lengths[1]
+    assert seen["a"] == seen["b"] == [lengths[0], lengths[1], lengths[0]]
+
+
+def test_prompts_of_other_lengths_compile_before_the_timed_rounds(e2e: ModuleType, tmp_path) -> None:
+    """Texts of several lengths: the warm-ups are raised to take each once, so the timed rounds
+    compile nothing (Dynamo's recompile for a symbolic text length happens in the warm-ups)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        e2e.main(["--device", "cpu", "--models", "infinity-tiny", "--variants", "eager,toprovar", "--rounds", "2",
+                  "--warmup", "1", "--no-profile", "--budget-s", "200", "--out", str(tmp_path),
+                  "--prompt", "a cat", "--prompt", "two blue squares on a red mat", "--prompt", "a red cat on a mat"])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    doc = json.loads((tmp_path / "e2e.json").read_text())
+    assert doc["settings"]["prompts"] == ["a cat", "two blue squares on a red mat", "a red cat on a mat"]
+    assert doc["settings"]["warmup"] == 2 and any("--warmup raised from 1 to 2" in n for n in doc["notes"])
+    for v in doc["models"]["infinity-tiny"]["variants"]:
+        assert v["status"] == "ok" and len(v["times_ms"]) == 2, v["key"]
+        assert v["dynamo_frames_timed"] == 0 and v["toprovar_compiles_timed"] in (0, None), v["key"]
+    assert "3 prompts taken in turn" in (tmp_path / "e2e.md").read_text()
