@@ -124,16 +124,63 @@ def big_timing(lines: list[str], budget_s: float) -> None:
                      f"{statistics.median(times):.0f} | {ratio} | {start} |")
 
 
+PROMPTS = ("a cat", "a red cat", "a red cat on a mat", "two blue squares on a red mat today", "a red cat")
+
+
+def prompt_lengths(lines: list[str], out: str) -> None:
+    """Prompts of several text lengths (Dynamo recompiles once, with a symbolic length) with the
+    context hoisted and not: the same decisions, so the logits must agree; the context computed
+    once per block and generation whatever the length."""
+    from toprovar_fx.runtime.session import last_session
+
+    name = "infinity-tiny"
+    m = zoo.build(name, device="cuda")
+    depth = m.depth
+    lines += ["## Prompts of several lengths, infinity-tiny, fp32, CUDA", "",
+              f"Prompts in turn: {', '.join(repr(p) for p in PROMPTS)}; `hoist_context` on against off. "
+              f"Context computations: the session's count after each generation (depth {depth}).", "",
+              "| options | max rel logit diff, on vs off, per prompt | context computations | fallbacks |", "|---|---|---|---|"]
+    for opts in ({"mode": "observe"}, {"policy": frozen_policy(name)}):
+        logits: dict[bool, list[list[torch.Tensor]]] = {}
+        computes: list[int] = []
+        fallbacks: list[str] = []
+        for hoist in (True, False):
+            torch._dynamo.reset()
+            fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={**opts, "hoist_context": hoist})
+            logits[hoist] = []
+            for p in PROMPTS:
+                cond = tuple(c.to("cuda") if isinstance(c, torch.Tensor) else c for c in m.encode_prompts([p]))
+                logits[hoist].append(list(fast(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1]))
+                session = last_session()
+                fallbacks += session.session_fallbacks + session.gen.fallbacks
+                if hoist:
+                    computes.append(session.context_computes)
+                print(f"{opts.get('mode', 'prune')} hoist={hoist} {p!r}: {session.context_computes} context computations",
+                      flush=True)  # progress, for a run cut by its time limit
+        diffs = [f"{_rel(a, b):.1e}" for a, b in zip(logits[True], logits[False])]
+        shown = {k: (v if k != "policy" else v["name"]) for k, v in opts.items()}
+        lines.append(f"| `{shown}` | {' / '.join(diffs)} | {', '.join(map(str, computes))} | "
+                     f"{'; '.join(dict.fromkeys(fallbacks)) or 'none'} |")
+        _write(lines, out)
+    lines.append("")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--tiny-only", action="store_true", help="equivalence on the tiny models only")
+    ap.add_argument("--prompt-lengths", action="store_true",
+                    help="only the check with prompts of several lengths (hoisted context with a symbolic text length)")
     args = ap.parse_args()
     import triton
 
     lines = [f"# GPU check ({datetime.date.today()})", "",
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""]
+    if args.prompt_lengths:
+        prompt_lengths(lines, args.out)
+        print("\n".join(lines))
+        return
     try:
         tiny_equivalence(lines, args.out)
     except Exception as err:  # noqa: BLE001 - report and go on to the timing

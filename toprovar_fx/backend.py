@@ -265,7 +265,7 @@ def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Sessi
             the text copied in once per generation: the blocks share its input buffer)."""
             return CudaGraphCache(fill, static, limit, name="hoisted context", pool=session.graph_pool())
 
-    memo = ContextMemo(pre, static, capture=capture)
+    memo = ContextMemo(pre, static, capture=capture, sized=split.symbolic)
     session.context_memos[key if key is not None else id(memo)] = memo
     return memo
 

@@ -1,6 +1,6 @@
 """The backend with the cross-attention context hoisted (option ``hoist_context``): the same logits
-as without, one context computation per block and generation, a new prompt taken up at once; a
-prompt of another length (a symbolic text length after Dynamo's recompile) keeps its context."""
+as without, one context computation per block and generation, a new prompt taken up at once,
+prompts of other lengths too (a symbolic text length after Dynamo's recompile: buffers per length)."""
 
 import pytest
 import torch
@@ -10,12 +10,13 @@ from toprovar_fx.runtime.session import last_session
 from .helpers import max_rel_diff, model
 
 
-def _three_generations(options: dict) -> tuple[list[list[torch.Tensor]], int]:
+def _generations(options: dict) -> tuple[list[list[torch.Tensor]], int]:
     m = model("infinity-tiny")
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=options)
     out = []
-    for prompt in ("a red cat on a mat", "a red cat on a mat", "a big dog in a box", "two blue squares"):
+    for prompt in ("a red cat on a mat", "a red cat on a mat", "a big dog in a box", "two blue squares",
+                   "a big dog in a box", "one two three four five six seven"):
         cond = m.encode_prompts([prompt])
         _, logits = fast(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)
         out.append(list(logits))
@@ -24,17 +25,19 @@ def _three_generations(options: dict) -> tuple[list[list[torch.Tensor]], int]:
 
 @pytest.mark.parametrize("options", [{"mode": "observe"}, {"policy": "infinity-tiny"}], ids=["observe", "prune"])
 def test_hoisted_context_gives_the_same_logits_and_runs_once_per_block(options):
-    hoisted, computes = _three_generations({**options, "hoist_context": True})
-    plain, none = _three_generations({**options, "hoist_context": False})
+    hoisted, computes = _generations({**options, "hoist_context": True})
+    plain, none = _generations({**options, "hoist_context": False})
     assert none == 0
     depth = model("infinity-tiny").depth
-    # each generation's text is a new tensor: once per block, not per call; the fourth prompt's
-    # graphs (symbolic text length) are not split
-    assert computes == 3 * depth
+    # each generation's text is a new tensor: once per block, not per call, whatever its length
+    # (from the fourth prompt on, graphs with a symbolic text length)
+    assert computes == 6 * depth
     for got, want in zip(hoisted, plain):
         assert max_rel_diff(got, want) < 1e-6
     # the third prompt differs (same length): its logits are not the first's, as a stale context would give
     assert max_rel_diff(hoisted[2], hoisted[0]) > 1e-3
+    # a length seen before, after another: its own buffers, not the other length's
+    assert max_rel_diff(hoisted[4], hoisted[2]) < 1e-6 and max_rel_diff(hoisted[4], hoisted[3]) > 1e-3
 
 
 def test_a_failed_cut_keeps_the_context_and_nothing_runs_dense(monkeypatch):

@@ -13,12 +13,13 @@ with the queries) and, for its K, V and mask, the nodes computed from graph inpu
 nothing on the query side (not the residual stream, not the token count): the context.
 Guarantees: ``split_context`` returns None (nothing worth hoisting: no GEMM in the context, a
 random op in it or an in-place write into it, a non-tensor or graph output at the cut, inference
-tensors, a symbolic input or cut shape) or a
-``ContextSplit`` where ``main(*args, *pre(*(args[i] for i in pre_inputs)))`` equals
+tensors) or a ``ContextSplit`` where ``main(*args, *pre(*(args[i] for i in pre_inputs)))`` equals
 ``gm(*args)``. ``main`` is ``gm`` without the context nodes and with one placeholder per cut
 value appended after its inputs (``meta["toprovar_context"]``: module state for
 ``is_static_input``, so CUDA graphs read it in place); ``gm`` itself is not changed.
-``runtime/context_memo.py`` runs ``pre`` only when one of its inputs changed.
+``runtime/context_memo.py`` runs ``pre`` only when one of its inputs changed. Where Dynamo made
+the text length symbolic (prompts of several lengths), the new placeholders keep the cut values'
+symbolic sizes (``ContextSplit.symbolic``), and the memo keeps buffers per length.
 """
 
 from __future__ import annotations
@@ -50,15 +51,19 @@ class ContextSplit:
     pre: fx.GraphModule
     main: fx.GraphModule
     pre_inputs: tuple[int, ...]  # positions in the original graph's inputs
-    example_values: list[torch.Tensor]  # pre's outputs on the example inputs, laid out as the memo's
+    # pre's outputs on the example inputs, laid out as the memo's (``symbolic``: fake tensors with
+    # the graph's symbolic sizes, the main graph's example inputs for Inductor)
+    example_values: list[torch.Tensor]
     n_gemms: int
     # the same for two graphs that compute the same context from inputs laid out alike (Dynamo
     # names nodes per graph, so not ``pre.code``); None where ``pre`` reads module attributes
     signature: tuple[Any, ...] | None
+    symbolic: bool = False  # the text length is symbolic: the memo keeps buffers per length
 
 
-def _signature(graph: fx.Graph, args: list[Any]) -> tuple[Any, ...] | None:
-    """``graph``'s structure (ops, targets, constants; nodes as their positions) and its inputs' layouts."""
+def _signature(graph: fx.Graph, args: list[Any], symbolic: bool = False) -> tuple[Any, ...] | None:
+    """``graph``'s structure (ops, targets, constants; nodes as their positions) and its inputs' layouts
+    (``symbolic``: the text length varies, so only ranks and dtypes)."""
     index: dict[fx.Node, int] = {}
     ops: list[Any] = []
     for i, n in enumerate(graph.nodes):
@@ -67,6 +72,9 @@ def _signature(graph: fx.Graph, args: list[Any]) -> tuple[Any, ...] | None:
         index[n] = i
         norm = fx.map_arg((n.args, n.kwargs), lambda a: ("node", index[a]))
         ops.append((n.op, n.target if n.op != "placeholder" else None, repr(norm)))
+    if symbolic:
+        layouts = tuple((a.dim(), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("int",) for a in args)
+        return tuple(ops), layouts, "symbolic"
     layouts = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", a)
                     for a in args)
     return tuple(ops), layouts
@@ -127,11 +135,12 @@ def split_context(gm: fx.GraphModule, example_inputs: list[Any]) -> ContextSplit
     args = [example_inputs[i] for i in pre_inputs]
     if any(isinstance(a, torch.Tensor) and a.is_inference() for a in args):
         return None  # no version counter: the memo could never tell an unchanged text
-    if not all(isinstance(a, (torch.Tensor, int, float, bool)) for a in args) or any(
-            not all(isinstance(d, int) for d in example_value(n).shape) for n in cut):
-        # a text length Dynamo made symbolic (prompts of other lengths): the buffers would need
-        # symbolic shapes in the main graph; such graphs keep their context
+    if not all(isinstance(a, (torch.Tensor, int, float, bool, torch.SymInt)) for a in args):
         return None
+    # a text length Dynamo made symbolic (prompts of several lengths): the graph's integer inputs
+    # are SymInts here, its tensors real; pre runs on their hints, the main graph keeps the symbols
+    symbolic = any(not all(isinstance(d, int) for d in example_value(n).shape) for n in cut)
+    args = [_hint(a) for a in args]
 
     pre_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -157,12 +166,23 @@ def split_context(gm: fx.GraphModule, example_inputs: list[Any]) -> ContextSplit
     fake = torch._guards.detect_fake_mode() or next(
         (v.fake_mode for p in placeholders if isinstance(v := example_value(p), torch.Tensor) and hasattr(v, "fake_mode")),
         None)
+    if symbolic and fake is None:
+        return None  # no fake mode to give the new placeholders symbolic sizes in
     last = list(main.graph.find_nodes(op="placeholder"))[-1]
     dead = {copied[n] for n in context}
+    examples: list[torch.Tensor] = []
     for n, value in zip(cut, values):
         with main.graph.inserting_after(last):
             ph = main.graph.placeholder(f"toprovar_context_{n.name}")
-        ph.meta["example_value"] = fake.from_tensor(value, static_shapes=True) if fake is not None else value
+        if symbolic:
+            # the cut value's own sizes, whose symbols Dynamo's guards already have sources for,
+            # laid out as the memo's buffers (contiguous)
+            with fake:
+                ph.meta["example_value"] = torch.empty(example_value(n).shape, dtype=value.dtype, device=value.device)
+            examples.append(ph.meta["example_value"])
+        else:
+            ph.meta["example_value"] = fake.from_tensor(value, static_shapes=True) if fake is not None else value
+            examples.append(value)
         ph.meta[CONTEXT_META] = True
         old = copied[n]
         for u in list(old.users):
@@ -174,4 +194,9 @@ def split_context(gm: fx.GraphModule, example_inputs: list[Any]) -> ContextSplit
             main.graph.erase_node(n)
     main.graph.lint()
     main.recompile()
-    return ContextSplit(pre, main, pre_inputs, values, gemms, _signature(pre_graph, args))
+    return ContextSplit(pre, main, pre_inputs, examples, gemms, _signature(pre_graph, args, symbolic), symbolic)
+
+
+def _hint(a: Any) -> Any:
+    """A SymInt's value in the call Dynamo compiles for; anything else as is."""
+    return a.node.hint if isinstance(a, torch.SymInt) else a

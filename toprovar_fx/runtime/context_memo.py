@@ -10,7 +10,9 @@ Inputs are the same as last time when every tensor is the same object (held by a
 so a text that died is never mistaken for a new one at the same ``id``) at the same version (an
 in-place write bumps it) and every other input is equal. Inference tensors have no version:
 their context is computed on every call. Entries are keyed by the identity of the graph's
-parameter inputs: one per block that calls the graph.
+parameter inputs: one per block that calls the graph; where the text length is symbolic
+(``sized``), also by the other tensor inputs' sizes: one per block and text length, each with
+buffers of its size.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class _Entry:
         self.checks = tuple(checks)
 
 
+def _size(a: Any) -> Any:
+    return a.shape if isinstance(a, torch.Tensor) else None
+
+
 def context_buffer(value: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``value``: the layout the main graph is compiled for, whether ``pre``
     ran eagerly or compiled (which may give other strides)."""
@@ -71,11 +77,13 @@ class ContextMemo:
     identities key the entry). Graphs whose context is the same computation share one memo."""
 
     def __init__(self, pre: Callable, static: Sequence[bool],
-                 capture: Callable[[Callable[..., None]], Callable[..., None]] | None = None) -> None:
+                 capture: Callable[[Callable[..., None]], Callable[..., None]] | None = None,
+                 sized: bool = False) -> None:
         self.pre = pre
         self.n_inputs = len(static)
         self.static = tuple(j for j, s in enumerate(static) if s)
-        self.entries: dict[tuple[int, ...], _Entry] = {}
+        self.others = tuple(j for j, s in enumerate(static) if not s) if sized else ()
+        self.entries: dict[tuple[Any, ...], _Entry] = {}
         self.computes = 0
         # wraps an entry's ``fill`` (e.g. in a ``CudaGraphCache``: one replay instead of the
         # context's launches and copies, which cost ~140 us of host per block on Infinity-2B)
@@ -83,12 +91,14 @@ class ContextMemo:
 
     def __call__(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         key = tuple([id(inputs[j]) for j in self.static])
+        if self.others:
+            key += tuple([_size(inputs[j]) for j in self.others])
         entry = self.entries.get(key)
         if entry is None or not entry.fresh(inputs):
             entry = self._compute(key, inputs, entry)
         return entry.values
 
-    def _compute(self, key: tuple[int, ...], inputs: Sequence[Any], entry: _Entry | None) -> _Entry:
+    def _compute(self, key: tuple[Any, ...], inputs: Sequence[Any], entry: _Entry | None) -> _Entry:
         with torch.no_grad():
             if entry is None:
                 entry = self.entries[key] = _Entry(tuple(map(context_buffer, self.pre(*inputs))))
