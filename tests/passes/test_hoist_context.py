@@ -151,3 +151,27 @@ def test_memo_keys_entries_by_the_block_weights_and_recomputes_inference_tensors
 def test_context_runner_checks_its_positions():
     with pytest.raises(ValueError, match="positions"):
         ContextRunner(lambda *a: a, ContextMemo(lambda *a: a, [True, False]), [0])
+
+
+def test_a_sized_memo_keeps_buffers_per_text_length():
+    """Symbolic text length: an entry per block and length (tensor sizes, integer lengths), each
+    filled again in place; an unsized memo would fill one length's buffers with another's values."""
+    weight = torch.randn(4, 3)
+    calls = []
+
+    def pre(w, text, n):
+        calls.append(n)
+        return (text[:n] @ w.T,)
+
+    memo = ContextMemo(pre, [True, False, False], sized=True)
+    short, long_ = torch.randn(2, 3), torch.randn(5, 3)
+    (a,) = memo([weight, short, 2])
+    (b,) = memo([weight, long_, 5])
+    assert a.shape == (2, 4) and b.shape == (5, 4) and len(memo.entries) == 2
+    (b2,) = memo([weight, long_, 3])  # the same text tensor, another integer length: another entry
+    assert b2.shape == (3, 4) and len(memo.entries) == 3
+    again = torch.randn(2, 3)
+    (a2,) = memo([weight, again, 2])  # a new text of a length seen before: its buffers, refilled
+    assert a2.data_ptr() == a.data_ptr()
+    torch.testing.assert_close(a2, again @ weight.T)
+    assert calls == [2, 5, 3, 2]

@@ -11,8 +11,8 @@ so a text that died is never mistaken for a new one at the same ``id``) at the s
 in-place write bumps it) and every other input is equal. Inference tensors have no version:
 their context is computed on every call. Entries are keyed by the identity of the graph's
 parameter inputs: one per block that calls the graph; where the text length is symbolic
-(``sized``), also by the other tensor inputs' sizes: one per block and text length, each with
-buffers of its size.
+(``sized``), also by the other inputs' sizes (tensors) and values (the lengths Dynamo passes as
+integers): one per block and text length, each with buffers of its size.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class _Entry:
 
 
 def _size(a: Any) -> Any:
-    return a.shape if isinstance(a, torch.Tensor) else None
+    """What fixes the context's sizes: a tensor's shape, an integer's value (a symbolic length)."""
+    return a.shape if isinstance(a, torch.Tensor) else a
 
 
 def context_buffer(value: torch.Tensor) -> torch.Tensor:
