@@ -300,6 +300,12 @@ class SamplerCall:
         return fn(self.conds[k % len(self.conds)], B=self.batch, g_seed=G_SEED, cfg_list=CFG)
 
 
+def sampler_call(model: torch.nn.Module, batch: int, device: str,
+                 prompts: Sequence[str] = (PROMPT,)) -> SamplerCall:
+    """``call(fn)`` runs one generation of ``batch`` images (the other benchmark scripts' entry)."""
+    return SamplerCall(model, batch, device, prompts)
+
+
 def _prompts_text(prompts: Sequence[str]) -> str:
     if len(prompts) == 1:
         return f"prompt \"{prompts[0]}\""
@@ -903,7 +909,7 @@ def batch_memory_phase(b: Bench) -> None:
                 run.b8_note = f"skipped: {reason}"
         return
     try:
-        call = SamplerCall(b.model, batch, b.device, b.args.prompt)
+        call = sampler_call(b.model, batch, b.device, b.args.prompt)
     except Exception as err:  # noqa: BLE001
         b.notes.append(f"batch {batch}: {type(err).__name__}: {err}")
         return
@@ -1627,7 +1633,7 @@ def bench_model(name: str, args: argparse.Namespace, budget: Budget, output: Out
     marks = ScaleMarks(model, len(schedule), args.device)
     variants = [v for v in model_variants(name) if v.key in args.variants] + list(extra_variants)
     b = Bench(name=name, model=model, device=args.device, schedule=schedule, marks=marks,
-              call_b1=SamplerCall(model, 1, args.device, args.prompt), runs=[VariantRun(v) for v in variants],
+              call_b1=sampler_call(model, 1, args.device, args.prompt), runs=[VariantRun(v) for v in variants],
               budget=budget, args=args)
     marks.install()
     if args.device == "cuda":

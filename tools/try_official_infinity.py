@@ -397,6 +397,31 @@ def compiled_run(model: nn.Module, vae: TinyVAE, options: dict[str, Any] | None,
     return out, first
 
 
+def lengths_run(model: nn.Module, vae: TinyVAE, kw: dict[str, Any], lens: list[int], channels: int, seed: int,
+                options: dict[str, Any]) -> dict[str, Any]:
+    """One compiled function called with texts of the lengths ``lens`` in turn (Dynamo recompiles once
+    with a symbolic text length): per call, the logits against eager with the same text, and the
+    session's hoisted-context computations so far."""
+    from toprovar_fx.runtime.session import last_session
+
+    torch._dynamo.reset()
+    fn = torch.compile(model.autoregressive_infer_cfg, backend="toprovar", options=options)
+    out: dict[str, Any] = {"options": options, "calls": []}
+    try:
+        for n in lens:
+            kw_n = {**kw, "label_B_or_BLT": text_condition(channels, n, seed)}
+            ref = run_once(model.autoregressive_infer_cfg, model, vae, kw_n)
+            got = run_once(fn, model, vae, kw_n)
+            session = last_session()
+            out["calls"].append({"text_len": n, "vs_eager": diffs(ref, got),
+                                 "context_computes": session.context_computes,
+                                 "fallbacks": session.session_fallbacks + session.gen.fallbacks})
+    except Exception as err:  # noqa: BLE001 - report, do not hide
+        out["error"] = f"{type(err).__name__}: {err}"
+        out["traceback"] = traceback.format_exc()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--infinity-path", required=True, help="exported FoundationVision/Infinity tree")
@@ -407,6 +432,9 @@ def main() -> None:
     ap.add_argument("--codebook-dim", type=int, default=32, help="their vae_type (bit labels: V = 2 * d)")
     ap.add_argument("--text-channels", type=int, default=2048, help="flan-t5-xl width, as their infer.sh")
     ap.add_argument("--text-len", type=int, default=24)
+    ap.add_argument("--text-lens", type=int, nargs="+", default=None,
+                    help="also run observe mode with texts of these lengths in turn, with the context hoisted "
+                    "and not (variants observe_lengths, observe_lengths_nohoist)")
     ap.add_argument("--fused-norm", type=int, default=1, choices=[0, 1])
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--tau", type=float, default=0.5)
@@ -480,6 +508,13 @@ def main() -> None:
             out["vs_eager"] = diffs(ref, first)
         print(json.dumps(out, indent=1, default=str), flush=True)
         results[name] = out
+    for name, hoist in (("observe_lengths", True), ("observe_lengths_nohoist", False)):
+        if not args.text_lens or (args.only and name not in args.only):
+            continue
+        print(f"--- {name}", flush=True)
+        results[name] = lengths_run(model, vae, kw, args.text_lens, args.text_channels, args.seed,
+                                    {"mode": "observe", "hoist_context": hoist})
+        print(json.dumps(results[name], indent=1, default=str), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
