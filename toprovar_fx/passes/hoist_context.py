@@ -152,6 +152,8 @@ def split_context(gm: fx.GraphModule, example_inputs: list[Any]) -> ContextSplit
             env[n] = pre_graph.node_copy(n, env.__getitem__)
     pre_graph.output(tuple(env[n] for n in cut))
     pre = fx.GraphModule(gm, pre_graph)
+    # run once here, not only at the first call: a cut that cannot run fails now, where the graph
+    # can keep its context (``backend._split_context``), not in the middle of a generation
     with torch.no_grad():
         values = [context_buffer(v) for v in pre(*args)]
 
