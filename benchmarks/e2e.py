@@ -501,6 +501,8 @@ class VariantRun:
     skipped: list[str] = field(default_factory=list)  # parts not measured, and why
     first_call_ms: float | None = None
     warmup_ms: list[float] = field(default_factory=list)
+    # warm-up calls added until a prompt cycle captured no CUDA graph (``settle``), in order
+    settle_ms: list[float] = field(default_factory=list)
     times_ms: list[float] = field(default_factory=list)
     segments_ms: list[list[float]] = field(default_factory=list)  # per timed run
     lead_ms: list[list[float]] = field(default_factory=list)  # per timed run (``Generation.lead_ms``)
@@ -789,6 +791,44 @@ def _own_peak(b: Bench, before: int) -> int:
     return torch.cuda.max_memory_allocated() - before + b.base_bytes
 
 
+# prompt cycles ``settle`` may add to a variant's warm-up
+SETTLE_MAX_CYCLES = 4
+
+
+def graph_activity() -> tuple[int, int] | None:
+    """(CUDA graphs captured, graph calls run without replay) so far by the toprovar session last
+    called; None without one or with graphs in pools of their own."""
+    session = last_session()
+    pool = session.graph_pool() if session is not None else None
+    return None if pool is None else (pool.captures, pool.busy)
+
+
+def settle(b: Bench, run: VariantRun, activity: list[tuple[int, int] | None]) -> None:
+    """Warm ``run`` up further, a prompt cycle at a time, until its last ``n`` calls (``n``
+    prompts) captured no CUDA graph and ran every graph call with a replay; ``activity`` holds
+    ``graph_activity()`` after each call so far. Whole cycles keep every variant's k-th call on
+    the same prompt.
+
+    Why: toprovar captures its graphs again when it starts lending outputs (after the first
+    generation that compiled nothing), and graphs per text length when a length is new to them,
+    seconds per generation that captures. With several prompts of other lengths, the warm-up
+    count alone left them in the timed rounds (2B on the H200, 2026-11-30: 2.5 s in two rounds)."""
+    if run.variant.kind != "toprovar":
+        return
+    n = len(b.args.prompt)
+    for _ in range(SETTLE_MAX_CYCLES):
+        if activity[-1] is None or activity[-1][0] == 0:  # no CUDA graphs (CPU, or the option off)
+            return
+        if len(activity) > n and activity[-1] == activity[-1 - n]:
+            return
+        for _ in range(n):
+            run.settle_ms.append(b.gen(run).wall_ms)
+            activity.append(graph_activity())
+    if activity[-1] != activity[-1 - n]:
+        b.notes.append(f"{run.key}: CUDA graphs still captured after {SETTLE_MAX_CYCLES} more warm-up cycles "
+                       f"of the {n} prompt(s); the timed rounds may include captures")
+
+
 def compile_and_warm(b: Bench, run: VariantRun) -> None:
     """Precondition on CUDA: the allocator's cache was just emptied (``compile_phase``), so the
     reserved memory measured from here is this variant's."""
@@ -799,12 +839,16 @@ def compile_and_warm(b: Bench, run: VariantRun) -> None:
     first = b.gen(run)
     run.first_call_ms = first.wall_ms
     run.status = "ok"
+    activity = [graph_activity()]
     for i in range(b.args.warmup):
         last = i == b.args.warmup - 1
+        if last:
+            settle(b, run, activity)
         if last and b.cuda:
             torch.cuda.reset_peak_memory_stats()
         g = b.gen(run, capture_kv=last)
         run.warmup_ms.append(g.wall_ms)
+        activity.append(graph_activity())
         if last:
             run.kv_bytes_b1 = g.kv_bytes
             if b.cuda:
@@ -1414,6 +1458,12 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
                      _f(x["vs_inductor"], ".2f", "x"), rec, _status(r)])
     lines += _table(["variant", "first call s", "median ms", "min ms", "runs", "GPU-busy ms", "vs eager",
                      "vs Inductor", "compiles in timed runs (Dynamo / toprovar)", "status"], rows)
+    settled = [f"{r.key} {len(r.settle_ms)} ({', '.join(f'{ms:.0f}' for ms in r.settle_ms)} ms)"
+               for r in runs if r.settle_ms]
+    if settled:
+        lines += ["Warm-up calls added until a cycle of the prompts captured no CUDA graph and ran every graph call "
+                  f"with a replay (`settle`), with their wall ms: {'; '.join(settled)}. What a user pays at a new "
+                  "text length, or when lending starts.", ""]
     lines += ["### FLOPs and memory", ""]
     bm = b.args.batch_mem or 8  # the "b8" fields hold the --batch-mem measurement
     rows = []

@@ -127,7 +127,7 @@ def big_timing(lines: list[str], budget_s: float) -> None:
 PROMPTS = ("a cat", "a red cat", "a red cat on a mat", "two blue squares on a red mat today", "a red cat")
 
 
-def prompt_lengths(lines: list[str], out: str) -> None:
+def prompt_lengths(lines: list[str], out: str, only: str | None = None) -> None:
     """Prompts of several text lengths (Dynamo recompiles once, with a symbolic length) with the
     context hoisted and not: the same decisions, so the logits must agree; the context computed
     once per block and generation whatever the length."""
@@ -140,7 +140,10 @@ def prompt_lengths(lines: list[str], out: str) -> None:
               f"Prompts in turn: {', '.join(repr(p) for p in PROMPTS)}; `hoist_context` on against off. "
               f"Context computations: the session's count after each generation (depth {depth}).", "",
               "| options | max rel logit diff, on vs off, per prompt | context computations | fallbacks |", "|---|---|---|---|"]
-    for opts in ({"mode": "observe"}, {"policy": frozen_policy(name)}):
+    variants = {"observe": {"mode": "observe"}, "prune": {"policy": frozen_policy(name)}}
+    for key, opts in variants.items():
+        if only not in (None, key):
+            continue
         logits: dict[bool, list[list[torch.Tensor]]] = {}
         computes: list[int] = []
         fallbacks: list[str] = []
@@ -172,13 +175,15 @@ def main() -> None:
     ap.add_argument("--tiny-only", action="store_true", help="equivalence on the tiny models only")
     ap.add_argument("--prompt-lengths", action="store_true",
                     help="only the check with prompts of several lengths (hoisted context with a symbolic text length)")
+    ap.add_argument("--only", choices=("observe", "prune"),
+                    help="with --prompt-lengths: one mode only (two processes can then share the GPU and halve the wall time)")
     args = ap.parse_args()
     import triton
 
     lines = [f"# GPU check ({datetime.date.today()})", "",
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""]
     if args.prompt_lengths:
-        prompt_lengths(lines, args.out)
+        prompt_lengths(lines, args.out, args.only)
         print("\n".join(lines))
         return
     try:

@@ -420,3 +420,27 @@ def test_prompts_of_other_lengths_compile_before_the_timed_rounds(e2e: ModuleTyp
         assert v["status"] == "ok" and len(v["times_ms"]) == 2, v["key"]
         assert v["dynamo_frames_timed"] == 0 and v["toprovar_compiles_timed"] in (0, None), v["key"]
     assert "3 prompts taken in turn" in (tmp_path / "e2e.md").read_text()
+
+
+def test_warm_up_goes_on_in_prompt_cycles_until_no_graph_is_captured(e2e: ModuleType, monkeypatch) -> None:
+    """``settle``: whole cycles of the prompts (every variant's k-th call stays on one prompt)
+    until the last cycle captured nothing and every graph call replayed; never for a variant
+    without CUDA graphs, and a note when the cycles run out."""
+    (run,) = [e2e.VariantRun(v) for v in e2e.model_variants("infinity-2b") if v.key == "toprovar"]
+    # (captures, busy) after each call: lending captures everything again, each length once, then nothing
+    sequence = iter([(130, 0), (160, 0), (190, 0), (190, 0), (190, 0), (190, 0)])
+    monkeypatch.setattr(e2e, "graph_activity", lambda: next(sequence))
+    bench = SimpleNamespace(args=SimpleNamespace(prompt=["a", "b", "c"]), notes=[],
+                            gen=lambda r: SimpleNamespace(wall_ms=float(len(r.settle_ms))))
+    activity = [(60, 0), (100, 0)]  # the first call and a warm-up
+    e2e.settle(bench, run, activity)
+    assert run.settle_ms == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and activity[-1] == activity[-4] and not bench.notes
+
+    run.settle_ms = []
+    e2e.settle(bench, run, [None])  # no graph pool
+    e2e.settle(bench, run, [(0, 0), (0, 0)])  # no graph captured: CPU, or CUDA graphs off
+    assert run.settle_ms == []
+
+    monkeypatch.setattr(e2e, "graph_activity", ((i, 0) for i in range(3, 100)).__next__)  # captures every call
+    e2e.settle(bench, run, [(1, 0), (2, 0)])
+    assert len(run.settle_ms) == 3 * e2e.SETTLE_MAX_CYCLES and "still captured" in bench.notes[0]

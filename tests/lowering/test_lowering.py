@@ -459,6 +459,33 @@ def test_lending_starts_by_capturing_again_and_lends_every_output():
     assert any(entry in g.members for g in pool.groups.values()) and api.pools[-1] != pool.get(api)
 
 
+def test_lending_drops_the_graphs_of_every_cache_of_the_pool_so_the_old_pool_is_freed():
+    """A cache that never lends (the hoisted context's refill) shares the session's pool too: its
+    graph must go with the others when lending starts, or it keeps the old pool, and with it every
+    intermediate captured there, for the session (Infinity-8B: 54.5 against 31.8 GiB of pools)."""
+    import gc
+
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    api = _FakeGraphAPI()
+    pool = SharedPool()
+    lending = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                             pool=pool, lend=True)
+    refill = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                            pool=pool)
+    w, x = torch.randn(4, 4), torch.randn(8, 4)
+    lending(x, w, 0)
+    refill(x, w, 1)
+    old = pool.get(api)
+    assert api.live[old] == 2
+    assert pool.start_lending() == 2 and not lending.graphs and not refill.graphs
+    gc.collect()
+    assert api.live[old] == 0  # every graph of the old pool destroyed: it is freed
+    out, _ = refill(x, w, 1)  # captured again, into the new pool
+    assert api.captures == 3 and api.pools[-1] == pool.get(api) != old
+    torch.testing.assert_close(out, x @ w + 1)
+
+
 def test_graphs_lend_in_place_from_their_groups_pool_and_replay_only_while_later_outputs_are_free():
     """Graphs with the same input layouts captured at one position (the blocks of one scale) lend
     in place from one pool of their group, no copy into homes. A replay may overwrite the outputs
@@ -1189,6 +1216,29 @@ def test_lent_entropies_never_keep_the_next_generations_graphs_from_replaying(mo
     assert _busy(made) == busy == 0, session.graph_pool().busy_by
     rep = toprovar_fx.last_generation()
     assert rep.graph_replays > 0 and rep.graph_calls_without_replay == 0
+
+
+def test_graphs_downstream_of_each_text_length_replay_on_their_own_captures(monkeypatch):
+    """Prompts of three text lengths in turn, lending: the graphs upstream are captured per length
+    (the text is in their shapes), the graphs after them per scale only, so each length hands them
+    its own lent outputs. Each gets a sibling capture per lender (``CudaGraphCache._run_moved``):
+    no call runs without replay, and the logits are eager's."""
+    m = model("infinity-tiny")
+    api, made = _stand_in_graphs(monkeypatch)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"mode": "observe", "inductor": False, "cuda_graph_lend_outputs": True})
+    conds = [m.encode_prompts([p]) for p in ("a cat", "two blue squares on a red mat today", "a red cat on a mat")]
+    assert len({c[0].shape[0] for c in conds}) == 3
+    for k in range(6):  # compiles (one recompile with a symbolic length), lending from the fourth on
+        fast(conds[k % 3], B=1, g_seed=7, cfg_list=3.0)
+    got = [fast(c, B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1] for c in conds]
+    pool = last_session().graph_pool()
+    assert pool.lending and pool.busy_by == {}
+    assert any(e.siblings for c in made for e in c.graphs.values() if e is not None)
+    for c, logits in zip(conds, got):
+        want = m.autoregressive_infer_cfg(c, B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1]
+        assert max_rel_diff(list(logits), list(want)) < 1e-5
 
 
 def _compiled_var_tiny(**options):

@@ -195,6 +195,9 @@ class _Captured:
         self._checks()
         self.busy = 0  # calls that ran without the graph because a lent output was still held
         self.own_pool_bytes = 0  # memory reserved by the graph's own pool (lending in place), else 0
+        # addresses of this call's borrowed inputs -> the graph captured on those lenders (None: not
+        # capturable); see ``CudaGraphCache._run_moved``
+        self.siblings: dict[tuple[int, ...], _Captured | None] = {}
 
     def expect_held(self, position: int, extra: int) -> None:
         """``extra`` more references to output ``position``'s storage are held for good (by a
@@ -259,6 +262,9 @@ PRIVATE_LEND_MIN_BYTES = 16 << 20
 # costs copies and clones instead of running without a graph for good. Counted in total, not in a
 # row: a caller that keeps the previous output during the next call blocks every other call.
 BUSY_LIMIT = 3
+# Graphs captured again per graph on other lenders' outputs (``CudaGraphCache._run_moved``): one
+# per text length a session has seen upstream, on Infinity; past it, calls count as busy.
+MAX_SIBLINGS = 8
 BUSY = object()  # _Captured.run: the graph cannot replay now; run the call without it
 
 
@@ -403,8 +409,9 @@ class SharedPool:
         # Captures lend only once lending started (``start_lending``): outputs lent while Dynamo
         # still compiles stay referenced by its example values and block their graphs for good.
         self.lending = lending
-        self.caches: weakref.WeakSet[CudaGraphCache] = weakref.WeakSet()  # caches that may lend
+        self.caches: weakref.WeakSet[CudaGraphCache] = weakref.WeakSet()  # caches capturing into the pool
         self.replays = 0  # calls replayed by the pool's graphs
+        self.captures = 0  # graphs captured into the pool's session (kept ones; benchmarks wait for it to stay put)
         # per graph name: calls that had a graph but ran without it (a lent output still held)
         self.busy_by: dict[str, int] = {}
         # bytes the own pools of graphs lending in place may reserve in all (None: resolved from the
@@ -530,7 +537,9 @@ class CudaGraphCache:
         self.fn = fn
         self.pool = pool  # None: a private pool per captured graph
         self.lend = lend and pool is not None  # lending needs the session's registry of lent outputs
-        if self.lend:
+        if pool is not None:
+            # every cache of the pool, lending or not: ``start_lending`` drops all their graphs, or
+            # one graph left in the old pool (the hoisted context's refill) keeps all of its memory
             pool.caches.add(self)
         # the CUDA graph API and the device it captures on; tests pass a stand-in to check the
         # data flow (copies in, replay, clones out) on machines without a GPU
@@ -564,6 +573,8 @@ class CudaGraphCache:
                 entry = self._first_sight(key, args)
             if entry is not None:
                 out = entry.run(args)
+                if out is BUSY and entry.borrowed:
+                    out = self._run_moved(entry, args)
                 if out is not BUSY:
                     self.replays += 1
                     if self.pool is not None:
@@ -596,6 +607,36 @@ class CudaGraphCache:
             self.graphs[key] = entry
         return entry
 
+    def _run_moved(self, entry: _Captured, args: Sequence[Any]) -> Any:
+        """Run a call whose borrowed inputs are other lenders' outputs than those ``entry`` was
+        captured on, with the graph captured on this call's lenders (made on first sight).
+
+        Why: the key holds shapes, not the addresses of borrowed inputs, so graphs that run the
+        same shapes downstream of graphs captured per text length (Infinity's blocks, whose
+        cross-attention sees the text) get the same key with each length's outputs. Without it
+        every length but the first ran without replay until ``BUSY_LIMIT`` made the graph copy
+        its inputs for good. Pre: ``entry.run(args)`` returned ``BUSY`` (counted in
+        ``entry.busy``). Post: the call ran on a sibling graph and ``entry.busy`` is as before, or
+        ``BUSY`` is returned (not moved, no sibling capturable, or the sibling is busy itself).
+        """
+        moved = tuple([args[i].data_ptr() for i in entry.borrowed])
+        if moved == tuple(entry.borrowed.values()):
+            return BUSY  # held outputs, not other lenders: the caller's busy path
+        sibling = entry.siblings.get(moved, _UNSEEN)
+        if sibling is _UNSEEN:
+            lent = self.pool.lent
+            if len(entry.siblings) >= MAX_SIBLINGS or not all(p in lent for p in moved):
+                sibling = None  # not every input is a lent output: the graph would copy; wait for good
+            else:
+                sibling = self._capture(args)
+            entry.siblings[moved] = sibling
+        if sibling is None:
+            return BUSY
+        out = sibling.run(args)
+        if out is not BUSY:
+            entry.busy -= 1
+        return out
+
     def _capture_without_lending(self, key: tuple[Any, ...], old: _Captured, args: Sequence[Any]) -> None:
         """Replace ``old`` (which keeps running without replay) by a capture that clones its
         outputs and copies its inputs. The new graph is captured while ``old`` still exists, so
@@ -603,9 +644,10 @@ class CudaGraphCache:
         outside holder keeps of ``old``'s outputs stays valid (its storage is referenced)."""
         log.info("toprovar: %s could not replay %d calls; captured again without lending", self.name, old.busy)
         new = self._capture(args, lend=False)
-        for i in old.watch:
-            self.pool.lent.pop(old._flat[i].data_ptr(), None)
-        self.pool.private_bytes -= old.own_pool_bytes  # its pool is freed with it
+        for gone in (old, *filter(None, old.siblings.values())):
+            for i in gone.watch:
+                self.pool.lent.pop(gone._flat[i].data_ptr(), None)
+            self.pool.private_bytes -= gone.own_pool_bytes  # its pool is freed with it
         if self.disabled is None:
             self.graphs[key] = new
 
@@ -693,6 +735,8 @@ class CudaGraphCache:
             del alias
             owner, position = self.pool.lent[borrowed[i]][1:]
             owner.expect_held(position, 1 - (with_alias - _use_count(args[i])))  # 1: the alias lives on
+        if self.pool is not None:
+            self.pool.captures += 1
         captured = _Captured(graph, inputs, buffers, outputs, lent, borrowed,
                              pooled=in_place if group is not None else frozenset())
         if group is not None:
