@@ -41,6 +41,9 @@ class Settings:
     # Most memory (MiB) the pools of graphs that lend large outputs in place may reserve in all;
     # past it such graphs lend from their group's shared pool. None = 1/16 of the GPU's memory.
     cuda_graph_private_max_mib: float | None = None
+    # Free device memory (MiB) a new CUDA-graph capture must leave; below it new shapes run
+    # without graphs until memory is free again. None = 1/32 of the GPU's memory.
+    cuda_graph_min_free_mib: float | None = None
     # Prune mode: run blocks whose decisions are known in advance as planned blocks, replayed from
     # CUDA graphs per decision signature (runtime/block_plans.py).
     planned_blocks: bool = True
@@ -78,6 +81,9 @@ _OPTION_DOCS = {
     "cuda_graph_private_max_mib": "number >= 0: most memory (MiB) reserved in all by the own pools of graphs "
                                   "that lend large outputs in place; past it they lend from their group's pool "
                                   "(default: 1/16 of the GPU's memory)",
+    "cuda_graph_min_free_mib": "number >= 0: free GPU memory (MiB) below which new shapes are not captured "
+                               "in CUDA graphs and run without (prompts of many text lengths capture graphs per "
+                               "length; default: 1/32 of the GPU's memory)",
     "planned_blocks": "bool: prune mode, replay pruned blocks with known decisions from CUDA graphs "
                       "(default on)",
     "hoist_context": "bool: compute the cross-attention K/V of the text once per block and text instead of "
@@ -117,6 +123,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     if private_mib is not None and (not isinstance(private_mib, (int, float)) or isinstance(private_mib, bool)
                                     or not private_mib >= 0):
         raise ValueError(f"toprovar: option 'cuda_graph_private_max_mib' must be a number >= 0, got {private_mib!r}")
+    min_free_mib = options.get("cuda_graph_min_free_mib")
+    if min_free_mib is not None and (not isinstance(min_free_mib, (int, float)) or isinstance(min_free_mib, bool)
+                                     or not min_free_mib >= 0):
+        raise ValueError(f"toprovar: option 'cuda_graph_min_free_mib' must be a number >= 0, got {min_free_mib!r}")
     pool = options.get("cuda_graph_pool", "shared")
     if pool not in CUDA_GRAPH_POOLS:
         raise ValueError(f"toprovar: option 'cuda_graph_pool' must be one of {CUDA_GRAPH_POOLS}, got {pool!r}")
@@ -140,6 +150,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graph_pool=pool,
         cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", True)),
         cuda_graph_private_max_mib=None if private_mib is None else float(private_mib),
+        cuda_graph_min_free_mib=None if min_free_mib is None else float(min_free_mib),
         planned_blocks=bool(options.get("planned_blocks", True)),
         hoist_context=bool(options.get("hoist_context", True)),
         strict=bool(options.get("strict", False)),

@@ -22,6 +22,7 @@ def test_unknown_option_lists_valid_ones():
         ({"cuda_graph_max_mib": 0}, "'cuda_graph_max_mib' must be a number > 0"),
         ({"cuda_graph_private_max_mib": -1}, "'cuda_graph_private_max_mib' must be a number >= 0"),
         ({"cuda_graph_private_max_mib": "8G"}, "'cuda_graph_private_max_mib' must be a number >= 0"),
+        ({"cuda_graph_min_free_mib": -5}, "'cuda_graph_min_free_mib' must be a number >= 0"),
     ],
 )
 def test_bad_option_values(options, message):
@@ -57,3 +58,5 @@ def test_the_private_pool_budget_reaches_the_sessions_graph_pool():
     pool = Session(parse_options({"cuda_graph_private_max_mib": 512}), None).graph_pool()
     assert pool.private_budget == 512 * 2**20
     assert Session(parse_options(None), None).graph_pool().private_budget is None  # resolved from the device
+    assert Session(parse_options({"cuda_graph_min_free_mib": 1024}), None).graph_pool().min_free == 1 << 30
+    assert Session(parse_options(None), None).graph_pool().min_free is None  # 1/32 of the device, resolved there

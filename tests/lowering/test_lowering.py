@@ -486,6 +486,43 @@ def test_lending_drops_the_graphs_of_every_cache_of_the_pool_so_the_old_pool_is_
     torch.testing.assert_close(out, x @ w + 1)
 
 
+def test_no_graph_is_captured_while_the_device_is_short_of_free_memory(caplog):
+    """Below ``min_free`` (free plus what the allocator caches unused) a new shape runs without a
+    graph, is not remembered as uncapturable, and is captured once memory is free again; one warning."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    class Tight(_FakeGraphAPI):
+        free = 1 << 20
+
+        def mem_get_info(self):
+            return self.free, 64 << 30
+
+        def memory_reserved(self):
+            return 3 << 20
+
+        def memory_allocated(self):
+            return 2 << 20
+
+    api = Tight()
+    pool = SharedPool(min_free=4 << 20)  # 1 MiB free + 1 MiB cached: short
+    cache = CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=pool)
+    w, x = torch.randn(4, 4), torch.randn(8, 4)
+    with caplog.at_level("WARNING", logger="toprovar"):
+        for _ in range(2):
+            out, _ = cache(x, w, 0)
+            torch.testing.assert_close(out, x @ w)
+    assert api.captures == 0 and not cache.graphs and pool.refused == 2
+    assert sum("cuda_graph_min_free_mib" in r.getMessage() for r in caplog.records) == 1
+    api.free = 8 << 20
+    out, _ = cache(x, w, 0)
+    assert api.captures == 1 and cache.replays == 1
+    torch.testing.assert_close(out, x @ w)
+    default = SharedPool()  # the default: 1/32 of the device, resolved at the first check
+    assert default.min_free is None and not default.room(api) and default.min_free == (64 << 30) // 32
+    assert SharedPool(min_free=0).room(api) and SharedPool().room(_FakeGraphAPI())  # no mem_get_info: room
+
+
 def test_graphs_lend_in_place_from_their_groups_pool_and_replay_only_while_later_outputs_are_free():
     """Graphs with the same input layouts captured at one position (the blocks of one scale) lend
     in place from one pool of their group, no copy into homes. A replay may overwrite the outputs

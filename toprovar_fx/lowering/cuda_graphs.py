@@ -396,8 +396,12 @@ class SharedPool:
     """
 
     def __init__(self, lending: bool = False, private_budget: int | None = None,
-                 position: Callable[[], Any] | None = None) -> None:
+                 position: Callable[[], Any] | None = None, min_free: int | None = None) -> None:
         self.handle: Any = None
+        # bytes of device memory a new capture must leave free (None: resolved from the device at
+        # the first capture, ``room``); calls refused for it so far
+        self.min_free = min_free
+        self.refused = 0
         # where the caller is (the session's generation and scale), read at each capture: graphs
         # lending in place are grouped by it (``_Group``)
         self.position = position or (lambda: None)
@@ -440,6 +444,36 @@ class SharedPool:
                 total = None
             self.private_budget = -1 if total is None else total // 16
         return self.private_budget < 0 or self.private_bytes < self.private_budget
+
+    def room(self, api: Any) -> bool:
+        """Whether the device has more than ``min_free`` bytes free for a new capture: free on the
+        device plus what the caching allocator holds unused (a stand-in API without
+        ``mem_get_info`` always has room).
+
+        Why: graphs are captured per shape, and prompts of another text length capture the block
+        graphs again, pools included: on Infinity-2B each length added about 13 GiB
+        (``benchmarks/results/e2e-2026-11-30-prompts.md``), and Infinity-8B with three lengths and
+        three variants ran out of memory inside a capture (``e2e-8b-2026-11-30-prompts-oom.md``).
+        Refused, a call runs without a graph (slower, never wrong) and is captured once memory is
+        free again; one warning per session."""
+        info = getattr(api, "mem_get_info", None)
+        if info is None:
+            return True
+        try:
+            free, total = info()
+            cached = api.memory_reserved() - api.memory_allocated()
+        except (RuntimeError, AttributeError):
+            return True
+        if self.min_free is None:
+            self.min_free = total // 32
+        if free + cached > self.min_free:
+            return True
+        if not self.refused:
+            log.warning("toprovar: %.0f MiB free on the GPU, not more than option cuda_graph_min_free_mib (%.0f MiB): "
+                        "new shapes run without CUDA graphs until memory is free again (every text length "
+                        "captures its own graphs; docs/backend.md)", (free + cached) / 2**20, self.min_free / 2**20)
+        self.refused += 1
+        return False
 
     def prime_blas_workspace(self, api: Any, clear: Callable[[], None], like: torch.Tensor) -> None:
         """Make cuBLAS's cached workspace for the capture stream a block of this pool (see
@@ -582,7 +616,7 @@ class CudaGraphCache:
                     return out
                 if self.pool is not None:
                     self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
-                if entry.busy >= BUSY_LIMIT:
+                if entry.busy >= BUSY_LIMIT and self.pool.room(self.api):
                     self._capture_without_lending(key, entry, args)
         return self.fn(*args)
 
@@ -602,6 +636,8 @@ class CudaGraphCache:
                      if isinstance(args[i], torch.Tensor))
         fits = (all(t.device.type == self.device_type for t in tensors) and copied <= self.max_bytes
                 and len(self.graphs) < self.max_graphs and not self.api.is_current_stream_capturing())
+        if fits and self.pool is not None and not self.pool.room(self.api):
+            return None  # not remembered: captured at a later call with memory free
         entry = self._capture(args) if fits else None
         if self.disabled is None:
             self.graphs[key] = entry
@@ -627,6 +663,8 @@ class CudaGraphCache:
             lent = self.pool.lent
             if len(entry.siblings) >= MAX_SIBLINGS or not all(p in lent for p in moved):
                 sibling = None  # not every input is a lent output: the graph would copy; wait for good
+            elif not self.pool.room(self.api):
+                return BUSY  # not remembered: captured at a later call with memory free
             else:
                 sibling = self._capture(args)
             entry.siblings[moved] = sibling

@@ -126,9 +126,11 @@ class Session:
             from ..lowering.cuda_graphs import SharedPool
 
             mib = self.settings.cuda_graph_private_max_mib
+            free_mib = self.settings.cuda_graph_min_free_mib
             clock = self.clock
             self._graph_pool = SharedPool(private_budget=None if mib is None else int(mib * 2**20),
-                                          position=lambda: (clock.generation, clock.scale))
+                                          position=lambda: (clock.generation, clock.scale),
+                                          min_free=None if free_mib is None else int(free_mib * 2**20))
         return self._graph_pool
 
     def add_site(self, **kw: Any) -> SiteInfo:
