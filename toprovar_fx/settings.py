@@ -94,6 +94,16 @@ _OPTION_DOCS = {
 }
 
 
+def _optional_mib(options: Mapping[str, Any], key: str) -> float | None:
+    """Option ``key``: None (its default, resolved from the device) or a number of MiB >= 0."""
+    value = options.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"toprovar: option {key!r} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def parse_options(options: Mapping[str, Any] | None) -> Settings:
     """Validate ``options`` and return ``Settings``; raise ``ValueError`` naming the bad key."""
     if options is None:
@@ -119,14 +129,8 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     max_mib = options.get("cuda_graph_max_mib", 64.0)
     if not isinstance(max_mib, (int, float)) or isinstance(max_mib, bool) or not max_mib > 0:
         raise ValueError(f"toprovar: option 'cuda_graph_max_mib' must be a number > 0, got {max_mib!r}")
-    private_mib = options.get("cuda_graph_private_max_mib")
-    if private_mib is not None and (not isinstance(private_mib, (int, float)) or isinstance(private_mib, bool)
-                                    or not private_mib >= 0):
-        raise ValueError(f"toprovar: option 'cuda_graph_private_max_mib' must be a number >= 0, got {private_mib!r}")
-    min_free_mib = options.get("cuda_graph_min_free_mib")
-    if min_free_mib is not None and (not isinstance(min_free_mib, (int, float)) or isinstance(min_free_mib, bool)
-                                     or not min_free_mib >= 0):
-        raise ValueError(f"toprovar: option 'cuda_graph_min_free_mib' must be a number >= 0, got {min_free_mib!r}")
+    private_mib = _optional_mib(options, "cuda_graph_private_max_mib")
+    min_free_mib = _optional_mib(options, "cuda_graph_min_free_mib")
     pool = options.get("cuda_graph_pool", "shared")
     if pool not in CUDA_GRAPH_POOLS:
         raise ValueError(f"toprovar: option 'cuda_graph_pool' must be one of {CUDA_GRAPH_POOLS}, got {pool!r}")
@@ -149,8 +153,8 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graph_max_mib=float(max_mib),
         cuda_graph_pool=pool,
         cuda_graph_lend_outputs=bool(options.get("cuda_graph_lend_outputs", True)),
-        cuda_graph_private_max_mib=None if private_mib is None else float(private_mib),
-        cuda_graph_min_free_mib=None if min_free_mib is None else float(min_free_mib),
+        cuda_graph_private_max_mib=private_mib,
+        cuda_graph_min_free_mib=min_free_mib,
         planned_blocks=bool(options.get("planned_blocks", True)),
         hoist_context=bool(options.get("hoist_context", True)),
         strict=bool(options.get("strict", False)),
