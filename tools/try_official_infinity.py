@@ -415,6 +415,8 @@ def lengths_run(model: nn.Module, vae: TinyVAE, kw: dict[str, Any], lens: list[i
             session = last_session()
             out["calls"].append({"text_len": n, "vs_eager": diffs(ref, got),
                                  "context_computes": session.context_computes,
+                                 # buffers padded to buckets (option context_bucket): 0 where not applied
+                                 "context_slots": sum(len(m.slots) for m in session.context_memos.values()),
                                  "fallbacks": session.session_fallbacks + session.gen.fallbacks})
     except Exception as err:  # noqa: BLE001 - report, do not hide
         out["error"] = f"{type(err).__name__}: {err}"
@@ -434,7 +436,8 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=24)
     ap.add_argument("--text-lens", type=int, nargs="+", default=None,
                     help="also run observe mode with texts of these lengths in turn, with the context hoisted "
-                    "and not (variants observe_lengths, observe_lengths_nohoist)")
+                    "and not, and padded to buckets of 8 tokens (variants observe_lengths, observe_lengths_nohoist, "
+                    "observe_lengths_bucket)")
     ap.add_argument("--fused-norm", type=int, default=1, choices=[0, 1])
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--tau", type=float, default=0.5)
@@ -508,12 +511,13 @@ def main() -> None:
             out["vs_eager"] = diffs(ref, first)
         print(json.dumps(out, indent=1, default=str), flush=True)
         results[name] = out
-    for name, hoist in (("observe_lengths", True), ("observe_lengths_nohoist", False)):
+    for name, extra in (("observe_lengths", {}), ("observe_lengths_nohoist", {"hoist_context": False}),
+                        ("observe_lengths_bucket", {"context_bucket": 8})):
         if not args.text_lens or (args.only and name not in args.only):
             continue
         print(f"--- {name}", flush=True)
         results[name] = lengths_run(model, vae, kw, args.text_lens, args.text_channels, args.seed,
-                                    {"mode": "observe", "hoist_context": hoist})
+                                    {"mode": "observe", **extra})
         print(json.dumps(results[name], indent=1, default=str), flush=True)
     if args.json:
         with open(args.json, "w") as f:

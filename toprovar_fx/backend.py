@@ -19,6 +19,7 @@ from torch._dynamo.exc import RestartAnalysis
 
 from .lowering.cuda_graphs import CudaGraphCache, mutates_inputs
 from .lowering.runners import GraphRunner, PlannedBlockRunner, ScaleSwitchRunner
+from .passes.bucket_context import BucketPlan, bucket_plan
 from .passes.context import PassContext
 from .passes.graph_utils import is_static_input
 from .passes.hoist_context import ContextSplit, split_context
@@ -235,11 +236,13 @@ def _split_context(gm: fx.GraphModule, example_inputs: list[Any], settings: Sett
         return None
 
 
-def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Session) -> ContextMemo:
+def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Session,
+                  plan: BucketPlan | None = None) -> ContextMemo:
     """The memo of a graph's hoisted context; its ``pre`` compiled by Inductor where the graph is.
     Graphs whose context is the same computation (Dynamo compiles a block once per scale shape)
-    share one memo, so each block computes its context once per text, not once per graph."""
-    key = split.signature
+    share one memo, so each block computes its context once per text, not once per graph; padded
+    (``plan``) and unpadded contexts never share one."""
+    key = split.signature if split.signature is None or plan is None else (split.signature, plan.pads)
     memo = session.context_memos.get(key)
     if memo is not None:
         return memo
@@ -265,7 +268,8 @@ def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Sessi
             the text copied in once per generation: the blocks share its input buffer)."""
             return CudaGraphCache(fill, static, limit, name="hoisted context", pool=session.graph_pool())
 
-    memo = ContextMemo(pre, static, capture=capture, sized=split.symbolic)
+    memo = ContextMemo(pre, static, capture=capture, sized=split.symbolic, pads=plan and plan.pads,
+                       bucket=session.settings.context_bucket)
     session.context_memos[key if key is not None else id(memo)] = memo
     return memo
 
@@ -278,7 +282,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
     graph_id = session.graphs
     try:
         split = _split_context(gm, example_inputs, settings) if settings.hoist_context else None
-        main, main_inputs = (gm, example_inputs) if split is None else (split.main, [*example_inputs, *split.example_values])
+        plan = bucket_plan(split) if split is not None and settings.context_bucket else None
+        kept = example_inputs if plan is None else [example_inputs[i] for i in plan.keep]
+        main, main_inputs = (gm, example_inputs) if split is None else (split.main, [*kept, *split.example_values])
         if settings.resolved_mode == "prune":
             runner = _compile_prune(main, main_inputs, session, graph_id)
         else:
@@ -286,7 +292,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
             work = run_passes(_copy_graph_module(main), ctx)
             runner = _runner(session, _lower_whole(work, ctx), ctx)
         if split is not None:
-            runner = ContextRunner(runner, _context_memo(split, example_inputs, session), split.pre_inputs)
+            runner = ContextRunner(runner, _context_memo(split, example_inputs, session, plan), split.pre_inputs,
+                                   plan and plan.keep)
     except RestartAnalysis:
         # Dynamo's signal to trace the frame again (Inductor's float-scalar pass raises it under
         # dynamic=True): it calls the backend again with the new graph. Swallowed, the graph ran

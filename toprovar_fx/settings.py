@@ -50,6 +50,9 @@ class Settings:
     # Compute each cross-attention's text K/V once per block and text, not in every block call
     # (passes/hoist_context.py).
     hoist_context: bool = True
+    # Pad the hoisted text context to a multiple of this many tokens where that is exact, so texts
+    # of several lengths share block graphs (passes/bucket_context.py); 0 = off.
+    context_bucket: int = 0
     # Raise instead of falling back to dense execution.
     strict: bool = False
     # Dynamo's recompile limit is raised to at least this so that every scale of a
@@ -88,6 +91,8 @@ _OPTION_DOCS = {
                       "(default on)",
     "hoist_context": "bool: compute the cross-attention K/V of the text once per block and text instead of "
                      "at every scale (default on)",
+    "context_bucket": "int >= 0: pad the hoisted text context to a multiple of this many tokens (exact: masked "
+                      "keys), so prompts of several lengths share CUDA graphs and their memory (default 0: off)",
     "strict": "bool: raise instead of falling back to dense",
     "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
     "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
@@ -131,6 +136,9 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         raise ValueError(f"toprovar: option 'cuda_graph_max_mib' must be a number > 0, got {max_mib!r}")
     private_mib = _optional_mib(options, "cuda_graph_private_max_mib")
     min_free_mib = _optional_mib(options, "cuda_graph_min_free_mib")
+    bucket = options.get("context_bucket", 0)
+    if not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 0:
+        raise ValueError(f"toprovar: option 'context_bucket' must be an int >= 0 (tokens; 0 = off), got {bucket!r}")
     pool = options.get("cuda_graph_pool", "shared")
     if pool not in CUDA_GRAPH_POOLS:
         raise ValueError(f"toprovar: option 'cuda_graph_pool' must be one of {CUDA_GRAPH_POOLS}, got {pool!r}")
@@ -157,6 +165,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         cuda_graph_min_free_mib=min_free_mib,
         planned_blocks=bool(options.get("planned_blocks", True)),
         hoist_context=bool(options.get("hoist_context", True)),
+        context_bucket=bucket,
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,
         schedules=schedules,

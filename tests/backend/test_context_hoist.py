@@ -40,6 +40,17 @@ def test_hoisted_context_gives_the_same_logits_and_runs_once_per_block(options):
     assert max_rel_diff(hoisted[4], hoisted[2]) < 1e-6 and max_rel_diff(hoisted[4], hoisted[3]) > 1e-3
 
 
+def test_a_context_padded_to_buckets_gives_the_same_logits():
+    """``context_bucket``: the symbolic-length graphs read the text context padded to a multiple of
+    4 tokens (masked keys), one slot per block and bucket; the logits are those without hoisting."""
+    plain, _ = _generations({"mode": "observe", "hoist_context": False})
+    padded, computes = _generations({"mode": "observe", "context_bucket": 4})
+    assert computes == 6 * model("infinity-tiny").depth
+    assert any(memo.slots for memo in last_session().context_memos.values())
+    for got, want in zip(padded, plain):
+        assert max_rel_diff(got, want) < 1e-5
+
+
 def test_a_failed_cut_keeps_the_context_and_nothing_runs_dense(monkeypatch):
     import toprovar_fx.backend as backend
 

@@ -1278,6 +1278,26 @@ def test_graphs_downstream_of_each_text_length_replay_on_their_own_captures(monk
         assert max_rel_diff(list(logits), list(want)) < 1e-5
 
 
+def test_a_padded_context_lets_a_new_text_length_replay_the_captured_block_graphs(monkeypatch):
+    """``context_bucket``: texts of new lengths in a bucket seen before capture only the graphs that
+    see the packed text itself (the sampler's first, the context's refill), not the block graphs
+    (36 captures per new length on infinity-tiny without it); the logits stay eager's."""
+    m = model("infinity-tiny")
+    api, made = _stand_in_graphs(monkeypatch)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"mode": "observe", "inductor": False, "context_bucket": 8})
+    for p in ("a cat", "two blue squares on a red mat today", "a red cat on a mat") * 2:
+        fast(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0)
+    for p in ("one two three", "one two three four five"):  # new lengths, the bucket of 8 seen before
+        cond = m.encode_prompts([p])
+        before = api.captures
+        _, got = fast(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)
+        assert api.captures - before <= 2
+        want = m.autoregressive_infer_cfg(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1]
+        assert max_rel_diff(list(got), list(want)) < 1e-5
+
+
 def _compiled_var_tiny(**options):
     """The var-tiny sampler call and a fresh toprovar compile of it with its policy and ``options``."""
     m = model("var-tiny")
