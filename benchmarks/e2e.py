@@ -517,6 +517,9 @@ class VariantRun:
     # per timed generation: (CUDA-graph replays, calls that had a graph but ran without it)
     graph_calls_timed: list[tuple[int, int]] = field(default_factory=list)
     busy_graphs: dict[str, int] = field(default_factory=dict)  # graphs that ran without replay, session totals
+    # calls whose CUDA-graph capture was refused for the free-memory floor (option
+    # cuda_graph_min_free_mib), session total after the timed rounds: they ran without a graph
+    refused_captures: int = 0
     peak_bytes_b1: int | None = None
     # what the caching allocator still holds for the variant after its warm-up and an
     # ``empty_cache`` (CUDA-graph pools included, whose freed intermediates the allocated peak
@@ -910,6 +913,8 @@ def timed_phase(b: Bench) -> None:
                     pool = last_session().graph_pool()
                     if rep.graph_calls_without_replay and pool is not None:
                         run.busy_graphs = dict(sorted(pool.busy_by.items(), key=lambda kv: -kv[1])[:8])
+                    if pool is not None:
+                        run.refused_captures = pool.refused
         b.rounds_done = rnd + 1
     if 0 < b.rounds_done < 5:
         b.notes.append(f"only {b.rounds_done} timed generation(s) per variant (target: at least 5)")
@@ -1548,6 +1553,11 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
         busy = [f"{r.key}: " + ", ".join(f"{n} x{c}" for n, c in r.busy_graphs.items()) for r in runs if r.busy_graphs]
         if busy:
             lines += ["Graphs that ran without replay (session totals, most first): " + "; ".join(busy) + ".", ""]
+        refused = [f"{r.key} {r.refused_captures}" for r in runs if r.refused_captures]
+        if refused:
+            lines += ["Calls that ran without a CUDA graph because the GPU had less free memory than "
+                      "`cuda_graph_min_free_mib` (session totals; the variants alive together share the GPU): "
+                      + "; ".join(refused) + ".", ""]
     agree = image_agreement(b.runs)
     if agree:
         lines += ["### Image agreement (last warm-up generation)", "",
