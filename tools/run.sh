@@ -14,7 +14,9 @@ fi
 case "$what" in
   test)
     "$PY" -m ruff check toprovar_fx tests benchmarks tools
-    "$PY" -m pytest "$@"
+    # two workers (pytest-xdist): the suite is mostly Dynamo compiles, single-threaded Python;
+    # 13 against 23.5 minutes on CI's 2 cores (2026-11-30). TOPROVAR_TEST_WORKERS=0 runs it serially.
+    "$PY" -m pytest -n "${TOPROVAR_TEST_WORKERS:-2}" "$@"
     ;;
   demo)
     "$PY" -m toprovar_fx.cli demo "$@"
