@@ -821,12 +821,10 @@ def settle(b: Bench, run: VariantRun, activity: list[tuple[int, int] | None]) ->
     generation that compiled nothing), and graphs per text length when a length is new to them,
     seconds per generation that captures. With several prompts of other lengths, the warm-up
     count alone left them in the timed rounds (2B on the H200, 2026-11-30: 2.5 s in two rounds)."""
-    if run.variant.kind != "toprovar":
-        return
+    if run.variant.kind != "toprovar" or activity[-1] is None or activity[-1][0] == 0:
+        return  # no CUDA graphs (CPU, or the option off)
     n = len(b.args.prompt)
     for _ in range(SETTLE_MAX_CYCLES):
-        if activity[-1] is None or activity[-1][0] == 0:  # no CUDA graphs (CPU, or the option off)
-            return
         if len(activity) > n and activity[-1] == activity[-1 - n]:
             return
         for _ in range(n):

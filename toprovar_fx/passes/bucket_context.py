@@ -29,14 +29,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
+from .find_attention import _SDPA_TARGETS, _arg
 from .graph_utils import example_value
 from .hoist_context import CONTEXT_META, ContextSplit
 
 log = logging.getLogger("toprovar")
-
-_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
 @dataclass(frozen=True)
@@ -59,14 +57,13 @@ def _symbols(value: Any) -> set[Any]:
 
 def _sdpa_role(user: fx.Node, ph: fx.Node) -> str | None:
     """``ph``'s role in ``user``: "kv" (key or value), "mask", or None (anything else)."""
-    if user.op != "call_function" or user.target not in _SDPA:
+    if user.op != "call_function" or user.target not in _SDPA_TARGETS:
         return None
-    args = list(user.args) + [None] * (6 - len(user.args))
-    if user.kwargs.get("is_causal", args[5]) or ph is user.kwargs.get("query", args[0]):
+    if _arg(user, 5, "is_causal", False) or ph is _arg(user, 0, "query"):
         return None
-    if ph in (args[1], args[2], user.kwargs.get("key"), user.kwargs.get("value")):
+    if ph is _arg(user, 1, "key") or ph is _arg(user, 2, "value"):
         return "kv"
-    if ph is user.kwargs.get("attn_mask", args[3]):
+    if ph is _arg(user, 3, "attn_mask"):
         return "mask"
     return None
 
@@ -100,8 +97,7 @@ def _why_not(split: ContextSplit) -> tuple[str | None, tuple[tuple[int, Any] | N
     for ph, pad in zip(context, pads):
         if pad is not None and pad[1] == 0:
             for u in ph.users:  # zero keys count unless masked: each attention needs its padded mask
-                args = list(u.args) + [None] * (4 - len(u.args))
-                if u.kwargs.get("attn_mask", args[3]) not in masks:
+                if _arg(u, 3, "attn_mask") not in masks:
                     return f"the attention reading {ph.name} has no padded mask", ()
     for ph in placeholders:
         if not ph.meta.get(CONTEXT_META) and ph.users and _symbols(example_value(ph)) & symbols:
