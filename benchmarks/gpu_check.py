@@ -127,9 +127,15 @@ def big_timing(lines: list[str], budget_s: float) -> None:
 PROMPTS = ("a cat", "a red cat", "a red cat on a mat", "two blue squares on a red mat today", "a red cat")
 
 
+# the hoisted context's variants, each against the context computed inside the blocks ("off")
+HOIST_VARIANTS = {"off": {"hoist_context": False}, "hoist": {"hoist_context": True, "context_bucket": 0},
+                  "bucket": {"hoist_context": True, "context_bucket": 4}}
+
+
 def prompt_lengths(lines: list[str], out: str, only: str | None = None) -> None:
     """Prompts of several text lengths (Dynamo recompiles once, with a symbolic length) with the
-    context hoisted and not: the same decisions, so the logits must agree; the context computed
+    context hoisted, hoisted and padded to buckets of 4 tokens (lengths 2 and 3 share one, 6 and 8
+    another), and not hoisted: the same decisions, so the logits must agree; the context computed
     once per block and generation whatever the length."""
     from toprovar_fx.runtime.session import last_session
 
@@ -137,33 +143,40 @@ def prompt_lengths(lines: list[str], out: str, only: str | None = None) -> None:
     m = zoo.build(name, device="cuda")
     depth = m.depth
     lines += ["## Prompts of several lengths, infinity-tiny, fp32, CUDA", "",
-              f"Prompts in turn: {', '.join(repr(p) for p in PROMPTS)}; `hoist_context` on against off. "
-              f"Context computations: the session's count after each generation (depth {depth}).", "",
-              "| options | max rel logit diff, on vs off, per prompt | context computations | fallbacks |", "|---|---|---|---|"]
+              f"Prompts in turn: {', '.join(repr(p) for p in PROMPTS)}; `hoist_context` on (`context_bucket: 0`), and on with "
+              f"`context_bucket: 4`, each against off. Context computations: the session's count after each "
+              f"generation (depth {depth}); padded: context buffers padded to buckets (hoisted graphs that bucketing "
+              f"applied to).", "",
+              "| options | max rel logit diff, hoisted vs off, per prompt | the same, bucketed vs off | "
+              "context computations (hoisted / bucketed) | padded | fallbacks |", "|---|---|---|---|---|---|"]
     variants = {"observe": {"mode": "observe"}, "prune": {"policy": frozen_policy(name)}}
     for key, opts in variants.items():
         if only not in (None, key):
             continue
-        logits: dict[bool, list[list[torch.Tensor]]] = {}
-        computes: list[int] = []
+        logits: dict[str, list[list[torch.Tensor]]] = {}
+        computes: dict[str, list[int]] = {"hoist": [], "bucket": []}
+        padded = 0
         fallbacks: list[str] = []
-        for hoist in (True, False):
+        for variant, extra in HOIST_VARIANTS.items():
             torch._dynamo.reset()
-            fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={**opts, "hoist_context": hoist})
-            logits[hoist] = []
+            fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={**opts, **extra})
+            logits[variant] = []
             for p in PROMPTS:
                 cond = tuple(c.to("cuda") if isinstance(c, torch.Tensor) else c for c in m.encode_prompts([p]))
-                logits[hoist].append(list(fast(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1]))
+                logits[variant].append(list(fast(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1]))
                 session = last_session()
                 fallbacks += session.session_fallbacks + session.gen.fallbacks
-                if hoist:
-                    computes.append(session.context_computes)
-                print(f"{opts.get('mode', 'prune')} hoist={hoist} {p!r}: {session.context_computes} context computations",
+                if variant in computes:
+                    computes[variant].append(session.context_computes)
+                if variant == "bucket":
+                    padded = sum(memo.pads is not None for memo in session.context_memos.values())
+                print(f"{opts.get('mode', 'prune')} {variant} {p!r}: {session.context_computes} context computations",
                       flush=True)  # progress, for a run cut by its time limit
-        diffs = [f"{_rel(a, b):.1e}" for a, b in zip(logits[True], logits[False])]
+        diffs = {v: " / ".join(f"{_rel(a, b):.1e}" for a, b in zip(logits[v], logits["off"])) for v in computes}
         shown = {k: (v if k != "policy" else v["name"]) for k, v in opts.items()}
-        lines.append(f"| `{shown}` | {' / '.join(diffs)} | {', '.join(map(str, computes))} | "
-                     f"{'; '.join(dict.fromkeys(fallbacks)) or 'none'} |")
+        lines.append(f"| `{shown}` | {diffs['hoist']} | {diffs['bucket']} | "
+                     f"{', '.join(map(str, computes['hoist']))} / {', '.join(map(str, computes['bucket']))} | "
+                     f"{padded} | {'; '.join(dict.fromkeys(fallbacks)) or 'none'} |")
         _write(lines, out)
     lines.append("")
 

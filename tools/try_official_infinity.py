@@ -436,8 +436,8 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=24)
     ap.add_argument("--text-lens", type=int, nargs="+", default=None,
                     help="also run observe mode with texts of these lengths in turn, with the context hoisted "
-                    "and not, and padded to buckets of 8 tokens (variants observe_lengths, observe_lengths_nohoist, "
-                    "observe_lengths_bucket)")
+                    "and not, and padded to buckets of 8 and of 16 tokens (prune mode's default; variants "
+                    "observe_lengths, observe_lengths_nohoist, observe_lengths_bucket, observe_lengths_bucket16)")
     ap.add_argument("--fused-norm", type=int, default=1, choices=[0, 1])
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--tau", type=float, default=0.5)
@@ -511,8 +511,9 @@ def main() -> None:
             out["vs_eager"] = diffs(ref, first)
         print(json.dumps(out, indent=1, default=str), flush=True)
         results[name] = out
-    for name, extra in (("observe_lengths", {}), ("observe_lengths_nohoist", {"hoist_context": False}),
-                        ("observe_lengths_bucket", {"context_bucket": 8})):
+    for name, extra in (("observe_lengths", {"context_bucket": 0}), ("observe_lengths_nohoist", {"hoist_context": False}),
+                        ("observe_lengths_bucket", {"context_bucket": 8}),
+                        ("observe_lengths_bucket16", {"context_bucket": 16})):
         if not args.text_lens or (args.only and name not in args.only):
             continue
         print(f"--- {name}", flush=True)

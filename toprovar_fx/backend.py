@@ -269,7 +269,7 @@ def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Sessi
             return CudaGraphCache(fill, static, limit, name="hoisted context", pool=session.graph_pool())
 
     memo = ContextMemo(pre, static, capture=capture, sized=split.symbolic, pads=plan and plan.pads,
-                       bucket=session.settings.context_bucket)
+                       bucket=session.settings.resolved_context_bucket)
     session.context_memos[key if key is not None else id(memo)] = memo
     return memo
 
@@ -282,7 +282,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], session: Sessio
     graph_id = session.graphs
     try:
         split = _split_context(gm, example_inputs, settings) if settings.hoist_context else None
-        plan = bucket_plan(split) if split is not None and settings.context_bucket else None
+        plan = bucket_plan(split) if split is not None and settings.resolved_context_bucket else None
         kept = example_inputs if plan is None else [example_inputs[i] for i in plan.keep]
         main, main_inputs = (gm, example_inputs) if split is None else (split.main, [*kept, *split.example_values])
         if settings.resolved_mode == "prune":

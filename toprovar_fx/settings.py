@@ -15,6 +15,10 @@ VALID_MODES = ("observe", "prune")
 CUDA_GRAPH_POOLS = ("shared", "private")
 
 
+# the text-length bucket (tokens) of prune mode when option ``context_bucket`` is not given
+DEFAULT_CONTEXT_BUCKET = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one ``torch.compile(..., backend="toprovar")`` call asked for."""
@@ -51,8 +55,12 @@ class Settings:
     # (passes/hoist_context.py).
     hoist_context: bool = True
     # Pad the hoisted text context to a multiple of this many tokens where that is exact, so texts
-    # of several lengths share block graphs (passes/bucket_context.py); 0 = off.
-    context_bucket: int = 0
+    # of several lengths share block graphs (passes/bucket_context.py); 0 = off. None = by mode
+    # (``resolved_context_bucket``): on the H200 a new text length in a seen bucket costs ~0.1 s
+    # instead of 2.5-4 s of captures and graph pools halve with two lengths, for <= 1% latency
+    # (benchmarks/results/e2e-2026-12-01-buckets.md); but in bfloat16 the longer masked key length
+    # changes the rounding, and observe mode promises dense's output.
+    context_bucket: int | None = None
     # Raise instead of falling back to dense execution.
     strict: bool = False
     # Dynamo's recompile limit is raised to at least this so that every scale of a
@@ -67,6 +75,14 @@ class Settings:
         if self.mode is not None:
             return self.mode
         return "prune" if self.policy is not None else "observe"
+
+    @property
+    def resolved_context_bucket(self) -> int:
+        """``context_bucket``, or by default 16 tokens when pruning (whose images differ from dense's
+        by design) and 0 in observe mode (whose images must stay dense's, also in bfloat16)."""
+        if self.context_bucket is not None:
+            return self.context_bucket
+        return DEFAULT_CONTEXT_BUCKET if self.resolved_mode == "prune" else 0
 
 
 _OPTION_DOCS = {
@@ -92,7 +108,8 @@ _OPTION_DOCS = {
     "hoist_context": "bool: compute the cross-attention K/V of the text once per block and text instead of "
                      "at every scale (default on)",
     "context_bucket": "int >= 0: pad the hoisted text context to a multiple of this many tokens (exact: masked "
-                      "keys), so prompts of several lengths share CUDA graphs and their memory (default 0: off)",
+                      "keys), so prompts of several lengths share CUDA graphs and their memory (default: 16 in prune mode, "
+                      "0 = off in observe mode)",
     "strict": "bool: raise instead of falling back to dense",
     "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
     "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
@@ -136,8 +153,8 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         raise ValueError(f"toprovar: option 'cuda_graph_max_mib' must be a number > 0, got {max_mib!r}")
     private_mib = _optional_mib(options, "cuda_graph_private_max_mib")
     min_free_mib = _optional_mib(options, "cuda_graph_min_free_mib")
-    bucket = options.get("context_bucket", 0)
-    if not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 0:
+    bucket = options.get("context_bucket")
+    if bucket is not None and (not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 0):
         raise ValueError(f"toprovar: option 'context_bucket' must be an int >= 0 (tokens; 0 = off), got {bucket!r}")
     pool = options.get("cuda_graph_pool", "shared")
     if pool not in CUDA_GRAPH_POOLS:

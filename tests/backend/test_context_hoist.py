@@ -25,7 +25,7 @@ def _generations(options: dict) -> tuple[list[list[torch.Tensor]], int]:
 
 @pytest.mark.parametrize("options", [{"mode": "observe"}, {"policy": "infinity-tiny"}], ids=["observe", "prune"])
 def test_hoisted_context_gives_the_same_logits_and_runs_once_per_block(options):
-    hoisted, computes = _generations({**options, "hoist_context": True})
+    hoisted, computes = _generations({**options, "hoist_context": True, "context_bucket": 0})
     plain, none = _generations({**options, "hoist_context": False})
     assert none == 0
     depth = model("infinity-tiny").depth
@@ -40,13 +40,18 @@ def test_hoisted_context_gives_the_same_logits_and_runs_once_per_block(options):
     assert max_rel_diff(hoisted[4], hoisted[2]) < 1e-6 and max_rel_diff(hoisted[4], hoisted[3]) > 1e-3
 
 
-def test_a_context_padded_to_buckets_gives_the_same_logits():
+@pytest.mark.parametrize("options", [{"mode": "observe", "context_bucket": 4}, {"policy": "infinity-tiny"}],
+                         ids=["observe-bucket-4", "prune-default"])
+def test_a_context_padded_to_buckets_gives_the_same_logits(options):
     """``context_bucket``: the symbolic-length graphs read the text context padded to a multiple of
-    4 tokens (masked keys), one slot per block and bucket; the logits are those without hoisting."""
-    plain, _ = _generations({"mode": "observe", "hoist_context": False})
-    padded, computes = _generations({"mode": "observe", "context_bucket": 4})
+    its tokens (masked keys), one slot per block and bucket; the logits are those without hoisting.
+    The default (16) pads these prompts' texts of 3-7 tokens to one bucket."""
+    plain, _ = _generations({**options, "hoist_context": False, "context_bucket": 0})
+    padded, computes = _generations(options)
     assert computes == 6 * model("infinity-tiny").depth
-    assert any(memo.slots for memo in last_session().context_memos.values())
+    padded_lengths = {shapes[i][pad[0]] for memo in last_session().context_memos.values() if memo.pads
+                      for _, shapes in memo.slots for i, pad in enumerate(memo.pads) if pad is not None}
+    assert padded_lengths == ({4, 8} if options.get("context_bucket") == 4 else {16})
     for got, want in zip(padded, plain):
         assert max_rel_diff(got, want) < 1e-5
 

@@ -23,6 +23,8 @@ def test_unknown_option_lists_valid_ones():
         ({"cuda_graph_private_max_mib": -1}, "'cuda_graph_private_max_mib' must be a number >= 0"),
         ({"cuda_graph_private_max_mib": "8G"}, "'cuda_graph_private_max_mib' must be a number >= 0"),
         ({"cuda_graph_min_free_mib": -5}, "'cuda_graph_min_free_mib' must be a number >= 0"),
+        ({"context_bucket": -16}, "'context_bucket' must be an int >= 0"),
+        ({"context_bucket": 16.0}, "'context_bucket' must be an int >= 0"),
     ],
 )
 def test_bad_option_values(options, message):
@@ -39,6 +41,11 @@ def test_defaults_and_mode_resolution():
     assert parse_options({"cuda_graph_pool": "private", "planned_blocks": False}).cuda_graph_pool == "private"
     assert s.cuda_graph_private_max_mib is None  # 1/16 of the GPU, resolved at the first capture
     assert parse_options({"cuda_graph_private_max_mib": 0}).cuda_graph_private_max_mib == 0.0
+    # text-length buckets: on when pruning, off in observe mode (dense's output), as given otherwise
+    assert s.resolved_context_bucket == 0
+    assert parse_options({"policy": "var-tiny"}).resolved_context_bucket == 16
+    assert parse_options({"policy": "var-tiny", "context_bucket": 0}).resolved_context_bucket == 0
+    assert parse_options({"context_bucket": 8}).resolved_context_bucket == 8
 
 
 def test_backend_is_found_by_name_through_the_entry_point():
