@@ -1299,6 +1299,26 @@ def test_a_padded_context_lets_a_new_text_length_replay_the_captured_block_graph
         assert max_rel_diff(list(got), list(want)) < 1e-5
 
 
+def test_when_pruning_texts_of_one_bucket_share_the_block_graphs_by_default(monkeypatch):
+    """Prune mode pads the text to buckets of 16 tokens by default: new lengths in the bucket seen
+    before capture a handful of graphs (each block's context refill, the sampler's first), and
+    only a length in a new bucket captures the block graphs again (36 captures at every new
+    length on infinity-tiny with ``context_bucket: 0``)."""
+    m = model("infinity-tiny")
+    api, made = _stand_in_graphs(monkeypatch)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": "infinity-tiny", "inductor": False})
+    for p in ("a cat", "two blue squares on a red mat today", "a red cat on a mat") * 2:
+        fast(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0)
+    captures = []
+    for words in (3, 5, 17):  # the bucket of 16 tokens seen before, twice; then the bucket of 32
+        before = api.captures
+        fast(m.encode_prompts([" ".join(["word"] * words)]), B=1, g_seed=7, cfg_list=3.0)
+        captures.append(api.captures - before)
+    assert max(captures[:2]) <= 2 * m.depth < 6 * m.depth <= captures[2], captures
+
+
 def _compiled_var_tiny(**options):
     """The var-tiny sampler call and a fresh toprovar compile of it with its policy and ``options``."""
     m = model("var-tiny")
