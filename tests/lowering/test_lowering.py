@@ -1279,17 +1279,24 @@ def test_graphs_downstream_of_each_text_length_replay_on_their_own_captures(monk
         assert max_rel_diff(list(logits), list(want)) < 1e-5
 
 
+def _warmed_on_three_text_lengths(monkeypatch, options: dict):
+    """infinity-tiny compiled with ``options`` (no Inductor) over the stand-in graph API, after two
+    rounds of prompts of 2, 8 and 6 tokens (Dynamo's recompile with a symbolic length, lending):
+    the model, the compiled sampler and the API, whose ``captures`` count what comes next."""
+    m = model("infinity-tiny")
+    api, _ = _stand_in_graphs(monkeypatch)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={**options, "inductor": False})
+    for p in ("a cat", "two blue squares on a red mat today", "a red cat on a mat") * 2:
+        fast(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0)
+    return m, fast, api
+
+
 def test_a_padded_context_lets_a_new_text_length_replay_the_captured_block_graphs(monkeypatch):
     """``context_bucket``: texts of new lengths in a bucket seen before capture only the graphs that
     see the packed text itself (the sampler's first, the context's refill), not the block graphs
     (36 captures per new length on infinity-tiny without it); the logits stay eager's."""
-    m = model("infinity-tiny")
-    api, made = _stand_in_graphs(monkeypatch)
-    torch._dynamo.reset()
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"mode": "observe", "inductor": False, "context_bucket": 8})
-    for p in ("a cat", "two blue squares on a red mat today", "a red cat on a mat") * 2:
-        fast(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0)
+    m, fast, api = _warmed_on_three_text_lengths(monkeypatch, {"mode": "observe", "context_bucket": 8})
     for p in ("one two three", "one two three four five"):  # new lengths, the bucket of 8 seen before
         cond = m.encode_prompts([p])
         before = api.captures
@@ -1304,13 +1311,7 @@ def test_when_pruning_texts_of_one_bucket_share_the_block_graphs_by_default(monk
     before capture a handful of graphs (each block's context refill, the sampler's first), and
     only a length in a new bucket captures the block graphs again (36 captures at every new
     length on infinity-tiny with ``context_bucket: 0``)."""
-    m = model("infinity-tiny")
-    api, made = _stand_in_graphs(monkeypatch)
-    torch._dynamo.reset()
-    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                         options={"policy": "infinity-tiny", "inductor": False})
-    for p in ("a cat", "two blue squares on a red mat today", "a red cat on a mat") * 2:
-        fast(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0)
+    m, fast, api = _warmed_on_three_text_lengths(monkeypatch, {"policy": "infinity-tiny"})
     captures = []
     for words in (3, 5, 17):  # the bucket of 16 tokens seen before, twice; then the bucket of 32
         before = api.captures
