@@ -226,6 +226,14 @@ def model_variants(model_name: str) -> list[Variant]:
          "skips the guards on module state: less host time per block call; unsafe if module attributes change "
          "between calls, so not a default)",
          lambda: {"policy": policy_or_missing(main), "guard_filter_fn": guard_filter()}, True),
+        ("toprovar_cdtune", f"toprovar {main}, Inductor coordinate-descent tuning", "toprovar",
+         f"policy `{main}` with `inductor_options: {{coordinate_descent_tuning: true}}` (Inductor benchmarks "
+         "block sizes of its fused kernels at compile time: their GPU time against a longer first call)",
+         lambda: {"policy": policy_or_missing(main), "inductor_options": {"coordinate_descent_tuning": True}}, True),
+        ("toprovar_combo", f"toprovar {main}, Inductor combo kernels", "toprovar",
+         f"policy `{main}` with `inductor_options: {{combo_kernels: true}}` (Inductor fuses independent kernels "
+         "side by side into one launch: fewer kernels per block)",
+         lambda: {"policy": policy_or_missing(main), "inductor_options": {"combo_kernels": True}}, True),
         ("cudagraphs", "dense Inductor + CUDA graphs", "inductor",
          '`torch.compile(sampler, mode="reduce-overhead")`', lambda: {"mode": "reduce-overhead"}, False),
         ("scale", "toprovar stage: scale", "toprovar",
@@ -262,7 +270,7 @@ def variant_by_key(model_name: str, key: str) -> Variant:
 # display order of the tables (the rotation order of the timed rounds too)
 DISPLAY_ORDER = ("eager", "inductor", "cudagraphs", "observe", "fastvar", "skipvar", "toprovar_fastest", "scale",
                  "scale_layer", "toprovar_nocg", "toprovar_noplan", "toprovar_nolend", "toprovar_nohoist",
-                 "toprovar_nobucket", "toprovar_guardfilter",
+                 "toprovar_nobucket", "toprovar_guardfilter", "toprovar_cdtune", "toprovar_combo",
                  "toprovar_online", "toprovar")
 VARIANT_KEYS = DISPLAY_ORDER
 

@@ -100,6 +100,11 @@ def _wants_inductor(settings: Settings, example_inputs: list[Any]) -> bool:
     return _on_cuda(example_inputs)
 
 
+def _inductor_patches(settings: Settings) -> dict[str, Any] | None:
+    """Option ``inductor_options`` as Inductor's config patches (a copy: Inductor may keep it)."""
+    return None if settings.inductor_options is None else dict(settings.inductor_options)
+
+
 def _on_cuda(example_inputs: list[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
@@ -129,7 +134,7 @@ def _lower_whole(work: fx.GraphModule, ctx: PassContext, max_bytes: int | None =
     if _wants_inductor(settings, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        fn = compile_fx(work, example_inputs)
+        fn = compile_fx(work, example_inputs, config_patches=_inductor_patches(settings))
     if _wants_cuda_graphs(settings, example_inputs) and not mutates_inputs(work.graph):
         static = [is_static_input(n) for n in work.graph.find_nodes(op="placeholder")]
         limit = int(settings.cuda_graph_max_mib * 2**20) if max_bytes is None else max_bytes
@@ -170,7 +175,7 @@ def _compile_prune(gm: fx.GraphModule, example_inputs: list[Any], session: Sessi
     if _wants_inductor(session.settings, example_inputs):
         from .lowering.inductor_branches import compile_branches
 
-        compile_branches(work, session.compiled_branches)
+        compile_branches(work, session.compiled_branches, options=_inductor_patches(session.settings))
     pruned = _runner(session, work.forward, ctx)
     leading = _map_block_specs(session, ctx.spec_ids)
     if any(n.op == "call_function" and n.target is accumulate_scale for n in work.graph.nodes):
@@ -252,7 +257,7 @@ def _context_memo(split: ContextSplit, example_inputs: list[Any], session: Sessi
         from torch._inductor.compile_fx import compile_fx
 
         try:
-            pre = compile_fx(split.pre, args)
+            pre = compile_fx(split.pre, args, config_patches=_inductor_patches(session.settings))
         except Exception as err:  # noqa: BLE001 - the context runs once per text: eager costs little
             if session.settings.strict:
                 raise

@@ -61,6 +61,9 @@ class Settings:
     # (benchmarks/results/e2e-2026-12-01-buckets.md); but in bfloat16 the longer masked key length
     # changes the rounding, and observe mode promises dense's output.
     context_bucket: int | None = None
+    # Inductor config patches (``torch._inductor.config`` names -> values) for every graph and
+    # branch the backend hands to Inductor, e.g. ``{"coordinate_descent_tuning": True}``; None = none.
+    inductor_options: Mapping[str, Any] | None = None
     # Raise instead of falling back to dense execution.
     strict: bool = False
     # Dynamo's recompile limit is raised to at least this so that every scale of a
@@ -110,6 +113,9 @@ _OPTION_DOCS = {
     "context_bucket": "int >= 0: pad the hoisted text context to a multiple of this many tokens (exact: masked "
                       "keys), so prompts of several lengths share CUDA graphs and their memory (default: 16 in prune mode, "
                       "0 = off in observe mode)",
+    "inductor_options": "dict: torch._inductor.config patches (name -> bool, int, float or str) for every graph "
+                        "the backend compiles with Inductor, e.g. {coordinate_descent_tuning: true}; Inductor's "
+                        "own CUDA graphs (triton.cudagraphs) are refused: use cuda_graphs",
     "strict": "bool: raise instead of falling back to dense",
     "recompile_limit": "int >= 16: Dynamo recompile budget raised to at least this",
     "schedules": "dict name -> [[h, w], ...]: token-map schedules for observe mode",
@@ -124,6 +130,34 @@ def _optional_mib(options: Mapping[str, Any], key: str) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"toprovar: option {key!r} must be a number >= 0, got {value!r}")
     return float(value)
+
+
+# Inductor settings that would capture CUDA graphs inside ours (the backend captures its own:
+# option cuda_graphs), so they are refused rather than left to fail inside a capture
+_REFUSED_INDUCTOR_OPTIONS = ("triton.cudagraphs", "triton.cudagraph_trees")
+
+
+def _inductor_options(value: Any) -> dict[str, Any] | None:
+    """Option ``inductor_options``: None, or a dict of known ``torch._inductor.config`` names to plain values."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"toprovar: option 'inductor_options' must be a dict of torch._inductor.config names "
+                         f"to values, got {type(value).__name__}")
+    from torch._inductor import config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for key, val in value.items():
+        if not isinstance(key, str) or key not in known:
+            raise ValueError(f"toprovar: option 'inductor_options' has {key!r}, which is not a torch._inductor.config "
+                             f"name (e.g. 'coordinate_descent_tuning', 'combo_kernels', 'triton.max_tiles')")
+        if key in _REFUSED_INDUCTOR_OPTIONS:
+            raise ValueError(f"toprovar: option 'inductor_options' sets {key!r}: the backend captures its own CUDA "
+                             "graphs; use option 'cuda_graphs' instead")
+        if not isinstance(val, (bool, int, float, str)):
+            raise ValueError(f"toprovar: option 'inductor_options' sets {key!r} to {type(val).__name__}; only "
+                             "bool, int, float and str values are taken")
+    return dict(value)
 
 
 def parse_options(options: Mapping[str, Any] | None) -> Settings:
@@ -156,6 +190,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     bucket = options.get("context_bucket")
     if bucket is not None and (not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 0):
         raise ValueError(f"toprovar: option 'context_bucket' must be an int >= 0 (tokens; 0 = off), got {bucket!r}")
+    inductor_options = _inductor_options(options.get("inductor_options"))
     pool = options.get("cuda_graph_pool", "shared")
     if pool not in CUDA_GRAPH_POOLS:
         raise ValueError(f"toprovar: option 'cuda_graph_pool' must be one of {CUDA_GRAPH_POOLS}, got {pool!r}")
@@ -183,6 +218,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         planned_blocks=bool(options.get("planned_blocks", True)),
         hoist_context=bool(options.get("hoist_context", True)),
         context_bucket=bucket,
+        inductor_options=inductor_options,
         strict=bool(options.get("strict", False)),
         recompile_limit=limit,
         schedules=schedules,

@@ -25,6 +25,10 @@ def test_unknown_option_lists_valid_ones():
         ({"cuda_graph_min_free_mib": -5}, "'cuda_graph_min_free_mib' must be a number >= 0"),
         ({"context_bucket": -16}, "'context_bucket' must be an int >= 0"),
         ({"context_bucket": 16.0}, "'context_bucket' must be an int >= 0"),
+        ({"inductor_options": ["coordinate_descent_tuning"]}, "'inductor_options' must be a dict"),
+        ({"inductor_options": {"coordinate_descent_tunning": True}}, "'coordinate_descent_tunning', which is not a"),
+        ({"inductor_options": {"triton.cudagraphs": True}}, "captures its own CUDA graphs; use option 'cuda_graphs'"),
+        ({"inductor_options": {"combo_kernels": [True]}}, "'combo_kernels' to list"),
     ],
 )
 def test_bad_option_values(options, message):
@@ -46,6 +50,9 @@ def test_defaults_and_mode_resolution():
     assert parse_options({"policy": "var-tiny"}).resolved_context_bucket == 16
     assert parse_options({"policy": "var-tiny", "context_bucket": 0}).resolved_context_bucket == 0
     assert parse_options({"context_bucket": 8}).resolved_context_bucket == 8
+    assert s.inductor_options is None
+    given = {"coordinate_descent_tuning": True, "triton.max_tiles": 2}
+    assert parse_options({"inductor_options": given}).inductor_options == given
 
 
 def test_backend_is_found_by_name_through_the_entry_point():

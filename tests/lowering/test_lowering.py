@@ -121,20 +121,38 @@ def test_dense_variant_runs_until_the_policy_can_act(monkeypatch):
     assert toprovar_fx.last_generation().start_scale is not None
 
 
-def test_inductor_branches_match_the_fx_path():
+def test_inductor_branches_match_the_fx_path_and_take_the_inductor_options(monkeypatch):
+    from torch._inductor import compile_fx as compile_fx_module
+
+    real, depth, patches = compile_fx_module.compile_fx, [0], []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if depth[0] == 0:  # compile_fx calls itself once to apply its patches
+            patches.append(dict(kwargs.get("config_patches") or {}))
+        depth[0] += 1
+        try:
+            return real(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
     m = model("var-tiny")
     call = sampler_call("var-tiny", 1)
     outs = {}
     for inductor in (False, True):
         torch._dynamo.reset()
-        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
-                             options={"policy": "var-tiny", "inductor": inductor})
+        options = {"policy": "var-tiny", "inductor": inductor, "inductor_options": {"coordinate_descent_tuning": True}}
+        fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=options)
         call(fast)
         _, outs[inductor] = call(fast)
         compiled = list(last_session().compiled_branches.values())
         assert bool(compiled) == inductor
         assert all(c.compiled is not None for c in compiled)  # compiled at the first call, then reused
+        assert bool(patches) == inductor
     assert max_rel_diff(outs[True], outs[False]) <= 1e-5
+    # every graph and branch Inductor compiled got the option (dense graphs, the dispatcher's branches)
+    assert len(patches) > len(compiled)
+    assert all(p.get("coordinate_descent_tuning") is True for p in patches)
 
 
 @pytest.mark.parametrize("name,preset", [("var-tiny", None), ("var-tiny", "fast"), ("infinity-tiny", None)])

@@ -51,15 +51,17 @@ class _LazyCompiled:
     eagerly), so the branch's function is generated here, at its first call.
     """
 
-    def __init__(self, sub: fx.GraphModule, backend: str) -> None:
+    def __init__(self, sub: fx.GraphModule, backend: str, options: dict[str, Any] | None = None) -> None:
         self.sub = sub
         self.backend = backend
+        self.options = options  # Inductor config patches (option ``inductor_options``)
         self.compiled: Callable | None = None
 
     def __call__(self, *inputs: Any) -> Any:
         if self.compiled is None:
             fn = _fresh_forward(self.sub)
-            self.compiled = torch.compile(fn, backend=self.backend, dynamic=True, fullgraph=True)
+            self.compiled = torch.compile(fn, backend=self.backend, dynamic=True, fullgraph=True,
+                                          options=self.options)
         return self.compiled(*inputs)
 
 
@@ -76,11 +78,14 @@ def _shareable(sub: fx.GraphModule) -> bool:
     return not any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes)
 
 
-def compile_branches(gm: fx.GraphModule, cache: dict[str, Callable], backend: str = "inductor") -> int:
+def compile_branches(gm: fx.GraphModule, cache: dict[str, Callable], backend: str = "inductor",
+                     options: dict[str, Any] | None = None) -> int:
     """Replace every dispatched branch of ``gm`` by a compiled one; returns how many.
 
     ``cache`` maps branch code to compiled callables; pass the session's so that graphs
-    compiled later (Dynamo recompiles per scale) reuse what was compiled before.
+    compiled later (Dynamo recompiles per scale) reuse what was compiled before. ``options``:
+    the backend's config patches (``torch.compile(options=...)``), the same for every branch
+    of one cache.
     """
     done = 0
     for node in gm.graph.find_nodes(op="call_function", target=dispatch_branch):
@@ -93,7 +98,7 @@ def compile_branches(gm: fx.GraphModule, cache: dict[str, Callable], backend: st
         key = sub.code if _shareable(sub) else f"{id(sub)}:{sub.code}"
         compiled = cache.get(key)
         if compiled is None:
-            compiled = cache[key] = _LazyCompiled(sub, backend)
+            compiled = cache[key] = _LazyCompiled(sub, backend, options)
         setattr(gm, attr.target, CompiledBranch(sub, compiled))
         done += 1
     log.debug("toprovar: %d branch(es) compiled with %s", done, backend)
