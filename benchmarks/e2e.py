@@ -528,6 +528,9 @@ class VariantRun:
     # calls whose CUDA-graph capture was refused for the free-memory floor (option
     # cuda_graph_min_free_mib), session total after the timed rounds: they ran without a graph
     refused_captures: int = 0
+    # times the session dropped every CUDA graph after the GPU ran out of memory inside one of its
+    # calls (``SharedPool.relieve``), session total after the timed rounds
+    reliefs: int = 0
     peak_bytes_b1: int | None = None
     # what the caching allocator still holds for the variant after its warm-up and an
     # ``empty_cache`` (CUDA-graph pools included, whose freed intermediates the allocated peak
@@ -920,7 +923,7 @@ def timed_phase(b: Bench) -> None:
                     if rep.graph_calls_without_replay and pool is not None:
                         run.busy_graphs = dict(sorted(pool.busy_by.items(), key=lambda kv: -kv[1])[:8])
                     if pool is not None:
-                        run.refused_captures = pool.refused
+                        run.refused_captures, run.reliefs = pool.refused, pool.reliefs
         b.rounds_done = rnd + 1
     if 0 < b.rounds_done < 5:
         b.notes.append(f"only {b.rounds_done} timed generation(s) per variant (target: at least 5)")
@@ -984,7 +987,7 @@ def batch_memory_phase(b: Bench) -> None:
             continue
         separate_first = compile_s > 0 and b.budget.left() >= compile_s + 2 * gen_s
         torch.cuda.empty_cache()  # the blocks cached for the previous variant cannot back CUDA-graph pools
-        if run.peak_bytes_b1 is not None:
+        if run.peak_bytes_b1 is not None and not b.args.batch_mem_force:
             short = batch_shortfall(run.peak_bytes_b1 - b.base_bytes, batch, torch.cuda.mem_get_info()[0],
                                     alive=sum(r.live for r in b.runs))
             if short is not None:
@@ -993,6 +996,7 @@ def batch_memory_phase(b: Bench) -> None:
                 continue
         before = torch.cuda.memory_allocated()
         pools_before = graph_pool_bytes()
+        reliefs_before = _reliefs()
         try:
             with deadline(max(b.budget.left(), 5.0), f"{run.key} batch {batch}"):
                 if separate_first:
@@ -1007,6 +1011,16 @@ def batch_memory_phase(b: Bench) -> None:
         run.pool_bytes_b8 = _delta(graph_pool_bytes(), pools_before)
         if compile_s > 0 and not separate_first:
             run.b8_note = "measured on the call that compiled for this batch"
+        if run.variant.kind == "toprovar" and _reliefs() > reliefs_before:
+            run.b8_note = "; ".join(filter(None, [run.b8_note, f"the GPU ran out of memory {_reliefs() - reliefs_before} "
+                                                  "time(s) inside the backend, which dropped its CUDA graphs and went on"]))
+
+
+def _reliefs() -> int:
+    """``SharedPool.reliefs`` of the last toprovar session (0 without one)."""
+    session = last_session()
+    pool = session.graph_pool() if session is not None else None
+    return pool.reliefs if pool is not None else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1564,6 +1578,11 @@ def model_markdown(b: Bench, a: dict[str, Any], build_s: float) -> list[str]:
             lines += ["Calls that ran without a CUDA graph because the GPU had less free memory than "
                       "`cuda_graph_min_free_mib` (session totals; the variants alive together share the GPU): "
                       + "; ".join(refused) + ".", ""]
+        reliefs = [f"{r.key} {r.reliefs}" for r in runs if r.reliefs]
+        if reliefs:
+            lines += ["Times the GPU ran out of memory inside a call of the backend, which then dropped every "
+                      "CUDA graph and ran the call without (session totals by the end of the timed rounds): "
+                      + "; ".join(reliefs) + ".", ""]
     agree = image_agreement(b.runs)
     if agree:
         lines += ["### Image agreement (last warm-up generation)", "",
@@ -1668,6 +1687,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help=f"comma-separated subset of {','.join(VARIANT_KEYS)}")
     ap.add_argument("--batch-mem", type=int, default=None,
                     help="batch for the extra memory measurement (default 8 on CUDA, 0 = off on CPU)")
+    ap.add_argument("--batch-mem-force", action="store_true",
+                    help="measure --batch-mem even where the estimate (the batch-1 peak beyond the weights, times "
+                    "the batch) says it may not fit; an out-of-memory error is then the variant's batch note")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled generations")
     ap.add_argument("--prompt", action="append", default=None,
                     help=f"a prompt; repeat for several, taken in turn by every variant's calls (texts of other "

@@ -541,6 +541,61 @@ def test_no_graph_is_captured_while_the_device_is_short_of_free_memory(caplog):
     assert SharedPool(min_free=0).room(api) and SharedPool().room(_FakeGraphAPI())  # no mem_get_info: room
 
 
+def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_floor(caplog):
+    """The GPU out of memory inside a call of ours (here: a new shape's warm-up before its capture):
+    every graph of the session is dropped, the call runs without a graph and gives its result, the
+    free-memory floor rises to what dropping freed, and one warning says so. A shape seen next while
+    less than that is free runs without a graph; an out-of-memory error with no graph left to drop
+    is raised."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    class Tight(_FakeGraphAPI):
+        free = 64 << 20
+
+        def mem_get_info(self):
+            return self.free, 64 << 30
+
+        def memory_allocated(self):
+            return self.reserved
+
+        def empty_cache(self):
+            self.reserved = 0  # the dropped graphs' pools go back to the device
+
+    api = Tight()
+    api.private_cost = 0
+    pool = SharedPool(min_free=1 << 20)
+    failing = {"rows": None}
+
+    def fn(x, w, n):
+        if x.shape[0] == failing["rows"]:
+            failing["rows"] = None  # once: after the relief the call fits
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1008.00 MiB")
+        return _recorded(x, w, n)
+
+    blocks = [CudaGraphCache(fn, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                             pool=pool) for _ in range(2)]
+    w, x = torch.randn(4, 4), torch.randn(8, 4)
+    for block in blocks:
+        block(x, w, 0)
+    assert api.captures == 2 and all(len(b.graphs) == 1 for b in blocks)
+    api.reserved = 24 << 20  # what the two graphs' pools hold
+    failing["rows"] = 16
+    big = torch.randn(16, 4)
+    with caplog.at_level("WARNING", logger="toprovar"):
+        out, _ = blocks[0](big, w, 1)
+    torch.testing.assert_close(out, big @ w + 1)
+    assert pool.reliefs == 1 and not any(b.graphs for b in blocks) and not pool.lent
+    assert pool.min_free == 24 << 20  # what the graphs held stays free from now on
+    assert sum("ran out of memory" in r.getMessage() for r in caplog.records) == 1
+    api.free = 16 << 20  # less than the new floor: the shape runs, without a graph
+    out, _ = blocks[1](big, w, 2)
+    torch.testing.assert_close(out, big @ w + 2)
+    assert api.captures == 2 and pool.refused == 1
+    failing["rows"] = 16
+    with pytest.raises(torch.OutOfMemoryError):  # nothing left to give back: the error is the caller's
+        blocks[1](big, w, 3)
+
+
 def test_graphs_lend_in_place_from_their_groups_pool_and_replay_only_while_later_outputs_are_free():
     """Graphs with the same input layouts captured at one position (the blocks of one scale) lend
     in place from one pool of their group, no copy into homes. A replay may overwrite the outputs

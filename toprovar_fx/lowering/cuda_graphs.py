@@ -24,6 +24,7 @@ key, so a reallocated parameter gets a new graph, never stale memory).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import operator
 import warnings
@@ -374,6 +375,25 @@ class _Group:
         return False
 
 
+def _available(api: Any) -> tuple[int, int] | None:
+    """(bytes free for new allocations: free on the device plus what the caching allocator holds
+    unused, the device's total), or None for a stand-in API without ``mem_get_info``."""
+    info = getattr(api, "mem_get_info", None)
+    if info is None:
+        return None
+    try:
+        free, total = info()
+        return free + api.memory_reserved() - api.memory_allocated(), total
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _reserved(api: Any) -> int:
+    """Bytes the caching allocator reserves (0 for a stand-in API without the count)."""
+    reserved = getattr(api, "memory_reserved", None)
+    return reserved() if reserved is not None else 0
+
+
 class SharedPool:
     """One CUDA-graph memory pool for every graph a session captures.
 
@@ -415,6 +435,7 @@ class SharedPool:
         self.lending = lending
         self.caches: weakref.WeakSet[CudaGraphCache] = weakref.WeakSet()  # caches capturing into the pool
         self.replays = 0  # calls replayed by the pool's graphs
+        self.reliefs = 0  # times every graph was dropped after the GPU ran out of memory (``relieve``)
         self.captures = 0  # graphs captured into the pool's session (kept ones; benchmarks wait for it to stay put)
         # per graph name: calls that had a graph but ran without it (a lent output still held)
         self.busy_by: dict[str, int] = {}
@@ -456,24 +477,53 @@ class SharedPool:
         three variants ran out of memory inside a capture (``e2e-8b-2026-11-30-prompts-oom.md``).
         Refused, a call runs without a graph (slower, never wrong) and is captured once memory is
         free again; one warning per session."""
-        info = getattr(api, "mem_get_info", None)
-        if info is None:
+        available = _available(api)
+        if available is None:
             return True
-        try:
-            free, total = info()
-            cached = api.memory_reserved() - api.memory_allocated()
-        except (RuntimeError, AttributeError):
-            return True
+        free, total = available
         if self.min_free is None:
             self.min_free = total // 32
-        if free + cached > self.min_free:
+        if free > self.min_free:
             return True
         if not self.refused:
             log.warning("toprovar: %.0f MiB free on the GPU, not more than option cuda_graph_min_free_mib (%.0f MiB): "
                         "new shapes run without CUDA graphs until memory is free again (every text length "
-                        "captures its own graphs; docs/backend.md)", (free + cached) / 2**20, self.min_free / 2**20)
+                        "captures its own graphs; docs/backend.md)", free / 2**20, self.min_free / 2**20)
         self.refused += 1
         return False
+
+    def relieve(self, api: Any, err: BaseException) -> bool:
+        """After the GPU ran out of memory inside a call of ours: drop every graph of the session,
+        so that the memory their pools, static outputs and input buffers hold is free for the call
+        to run again without a graph, and raise ``min_free`` to what that freed. Returns whether
+        anything was dropped (if not, the error is the caller's to raise).
+
+        Why: a captured graph keeps its static outputs for as long as it lives, so the graphs of
+        a sampler hold every captured scale's K/V cache at once where eager holds the latest one.
+        At batch 8 on Infinity-8B (H200, twentieth session) the captures took the memory that the
+        last scales, too large to capture, needed for their K/V cache: out of memory where eager
+        ran. The floor the captures then leave free is what the graphs were holding, so the same
+        generation fits the next time; graphs are captured again, at first sight, within it."""
+        dropped = self._drop_graphs()
+        self.buffers.clear()
+        if not dropped:
+            return False
+        before = _reserved(api)
+        gc.collect()  # a group and its members reference each other
+        empty = getattr(api, "empty_cache", None)
+        if empty is not None:
+            empty()
+        freed = max(before - _reserved(api), 0)
+        available = _available(api)
+        if self.min_free is None and available is not None:
+            self.min_free = available[1] // 32
+        self.min_free = max(self.min_free or 0, freed)
+        self.reliefs += 1
+        (log.warning if self.reliefs == 1 else log.info)(
+            "toprovar: the GPU ran out of memory (%s); dropped %d CUDA graphs (%.0f MiB freed) and ran the call "
+            "without; new shapes are captured only while %.0f MiB stay free (option cuda_graph_min_free_mib; "
+            "docs/backend.md)", str(err).split(".")[0], dropped, freed / 2**20, self.min_free / 2**20)
+        return True
 
     def prime_blas_workspace(self, api: Any, clear: Callable[[], None], like: torch.Tensor) -> None:
         """Make cuBLAS's cached workspace for the capture stream a block of this pool (see
@@ -503,6 +553,13 @@ class SharedPool:
         if self.lending:
             return 0
         self.lending = True
+        return self._drop_graphs()
+
+    def _drop_graphs(self) -> int:
+        """Forget every graph of the session's caches (and what refers to them: lent outputs,
+        groups, the cuBLAS primers); returns how many graphs were dropped. What a caller holds of
+        their outputs stays valid. Safe between any two calls: no graph is mid-replay, and a later
+        capture borrows no output of a dropped graph (``lent`` is cleared)."""
         self.lent.clear()
         # A new memory pool for the new captures: once every graph of a pool is destroyed, PyTorch's
         # allocator marks the pool freeable and a capture into it fails an internal assert
@@ -510,6 +567,7 @@ class SharedPool:
         self.handle = None
         self.primer = self.keeper = None
         self.groups.clear()
+        self.private_bytes = 0  # the graphs' own pools go with them
         dropped = 0
         for cache in list(self.caches):
             dropped += sum(entry is not None for entry in cache.graphs.values())
@@ -597,28 +655,34 @@ class CudaGraphCache:
         self.private = 0  # captures into a pool of their own (large outputs lent in place)
 
     def __call__(self, *args: Any) -> Any:
-        if self.disabled is None and len(args) == self.n_args:
-            key = self._key(args)
-            try:
-                entry = self.graphs.get(key, _UNSEEN)
-            except TypeError:  # an argument that is neither a tensor nor a plain value: never captured
-                return self.fn(*args)
-            if entry is _UNSEEN:
-                entry = self._first_sight(key, args)
-            if entry is not None:
-                out = entry.run(args)
-                if out is BUSY and entry.borrowed:
-                    out = self._run_moved(entry, args)
-                if out is not BUSY:
-                    self.replays += 1
+        try:
+            if self.disabled is None and len(args) == self.n_args:
+                key = self._key(args)
+                try:
+                    entry = self.graphs.get(key, _UNSEEN)
+                except TypeError:  # an argument that is neither a tensor nor a plain value: never captured
+                    return self.fn(*args)
+                if entry is _UNSEEN:
+                    entry = self._first_sight(key, args)
+                if entry is not None:
+                    out = entry.run(args)
+                    if out is BUSY and entry.borrowed:
+                        out = self._run_moved(entry, args)
+                    if out is not BUSY:
+                        self.replays += 1
+                        if self.pool is not None:
+                            self.pool.replays += 1
+                        return out
                     if self.pool is not None:
-                        self.pool.replays += 1
-                    return out
-                if self.pool is not None:
-                    self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
-                if entry.busy >= BUSY_LIMIT and self.pool.room(self.api):
-                    self._capture_without_lending(key, entry, args)
-        return self.fn(*args)
+                        self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
+                    if entry.busy >= BUSY_LIMIT and self.pool.room(self.api):
+                        self._capture_without_lending(key, entry, args)
+            return self.fn(*args)
+        except torch.OutOfMemoryError as err:
+            # a capture, a replay's copies or the call itself: the graphs' memory is ours to give back
+            if self.pool is None or not self.pool.relieve(self.api, err):
+                raise
+            return self.fn(*args)
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
         try:  # module state is tensors: the addresses in C loops (a third of the key's host time)
@@ -741,6 +805,8 @@ class CudaGraphCache:
                 own_pool = reserved() - before if reserved is not None else 0
         except Exception as err:  # noqa: BLE001 - capture is an optimisation; never fail the call
             self._forget_if_unused(group)
+            if isinstance(err, torch.OutOfMemoryError) and self.pool is not None:
+                raise  # not this graph's fault: ``__call__`` frees the session's graphs and runs the call
             self.disabled = f"{type(err).__name__}: {err}"
             log.warning("toprovar: %s cannot be captured in a CUDA graph (%s); it runs without", self.name,
                         self.disabled)

@@ -185,8 +185,8 @@ class PlannedBlockRunner:
         try:
             outs = fn(*args, given, *cached)
         except Exception as err:  # noqa: BLE001 - nothing happened yet: the dispatcher runs the block
-            if session.settings.strict:
-                raise
+            if session.settings.strict or isinstance(err, torch.OutOfMemoryError):
+                raise  # out of memory with the graphs' memory given back (``SharedPool.relieve``): not the plan's fault
             self.disabled = True
             session.fallback(f"a planned block failed ({type(err).__name__}: {err}); pruned blocks run through "
                              "the dispatcher from now on")
