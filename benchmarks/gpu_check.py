@@ -181,6 +181,55 @@ def prompt_lengths(lines: list[str], out: str, only: str | None = None) -> None:
     lines.append("")
 
 
+def relief(lines: list[str], out: str) -> None:
+    """An out-of-memory error raised by one replay in the middle of a generation, with real CUDA
+    graphs (``SharedPool.relieve``): that generation must finish with the logits of the same policy
+    without CUDA graphs, and the next ones must capture again (into a new pool), replay, and agree."""
+    from toprovar_fx.runtime.session import last_session
+
+    name = "infinity-tiny"
+    m = zoo.build(name, device="cuda")
+    call = _call(name, m, "cuda")
+    frozen = frozen_policy(name)
+    torch._dynamo.reset()
+    plain = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": frozen, "cuda_graphs": False})
+    call(plain)
+    _, ref = call(plain)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": frozen})
+    for _ in range(4):  # compile, then lending from the first generation that compiles nothing
+        call(fast)
+    pool = last_session().graph_pool()
+    entries = [(cache, e) for cache in list(pool.caches) for e in cache.graphs.values() if e is not None]
+    cache, entry = entries[len(entries) // 2]  # a graph in the middle of the generation
+    raised: list[str] = []
+
+    def failing_run(args, _run=entry.run):
+        if not raised:
+            raised.append(cache.name)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by gpu_check --relief)")
+        return _run(args)
+
+    entry.run = failing_run
+    reserved = torch.cuda.memory_reserved()
+    _, during = call(fast)
+    after_relief = (pool.reliefs, pool.min_free, torch.cuda.memory_reserved())
+    replays, diffs = [], []
+    for _ in range(3):
+        _, got = call(fast)
+        replays.append(toprovar_fx.last_generation().graph_replays)
+        diffs.append(_rel(got, ref))
+    lines += ["## Out of memory inside a replay, infinity-tiny, fp32, CUDA", "",
+              f"{len(entries)} graphs captured; the injected error in `{raised[0] if raised else 'nothing'}`. "
+              f"Reserved before: {reserved / 2**20:.0f} MiB; after the relief {after_relief[2] / 2**20:.0f} MiB; "
+              f"reliefs {after_relief[0]}, floor now {after_relief[1] / 2**20:.0f} MiB.", "",
+              "| generation | max rel logit diff vs the policy without CUDA graphs | CUDA-graph replays |", "|---|---|---|",
+              f"| with the error | {_rel(during, ref):.2e} | - |"]
+    lines += [f"| after, {i + 1} | {d:.2e} | {r} |" for i, (d, r) in enumerate(zip(diffs, replays))]
+    lines.append("")
+    _write(lines, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -188,6 +237,8 @@ def main() -> None:
     ap.add_argument("--tiny-only", action="store_true", help="equivalence on the tiny models only")
     ap.add_argument("--prompt-lengths", action="store_true",
                     help="only the check with prompts of several lengths (hoisted context with a symbolic text length)")
+    ap.add_argument("--relief", action="store_true",
+                    help="only the check of an out-of-memory error inside a replay (graphs dropped, call rerun)")
     ap.add_argument("--only", choices=("observe", "prune"),
                     help="with --prompt-lengths: one mode only (two processes can then share the GPU and halve the wall time)")
     args = ap.parse_args()
@@ -195,6 +246,10 @@ def main() -> None:
 
     lines = [f"# GPU check ({datetime.date.today()})", "",
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""]
+    if args.relief:
+        relief(lines, args.out)
+        print("\n".join(lines))
+        return
     if args.prompt_lengths:
         prompt_lengths(lines, args.out, args.only)
         print("\n".join(lines))
