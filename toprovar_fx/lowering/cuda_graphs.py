@@ -504,11 +504,11 @@ class SharedPool:
         last scales, too large to capture, needed for their K/V cache: out of memory where eager
         ran. The floor the captures then leave free is what the graphs were holding, so the same
         generation fits the next time; graphs are captured again, at first sight, within it."""
+        before = _reserved(api)
         dropped = self._drop_graphs()
         self.buffers.clear()
         if not dropped:
             return False
-        before = _reserved(api)
         gc.collect()  # a group and its members reference each other
         empty = getattr(api, "empty_cache", None)
         if empty is not None:
