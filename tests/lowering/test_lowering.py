@@ -1231,6 +1231,48 @@ def test_lent_outputs_are_free_again_when_replays_keep_no_reference(monkeypatch,
     assert pool.busy_by == {}
 
 
+def test_out_of_memory_in_a_replay_mid_generation_gives_the_same_logits_and_graphs_come_back(monkeypatch):
+    """An out-of-memory error raised by one replay in the middle of a pruned generation, lending
+    (``SharedPool.relieve``): that generation's logits are the plain path's, and the next
+    generations capture again, into new pools, and replay with nothing left busy."""
+    name = "infinity-tiny"
+    m = model(name)
+    call = sampler_call(name, 1)
+    torch._dynamo.reset()
+    plain = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": name, "inductor": False})
+    call(plain)
+    _, ref = call(plain)
+
+    api, made = _stand_in_graphs(monkeypatch)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar",
+                         options={"policy": name, "inductor": False, "cuda_graph_lend_outputs": True})
+    for _ in range(3):  # compiles, then lending from the third generation on
+        call(fast)
+    pool = last_session().graph_pool()
+    assert pool.lending
+    entries = [(c, e) for c in made for e in c.graphs.values() if e is not None]
+    cache, entry = entries[len(entries) // 2]
+    raised = []
+
+    def failing_run(args, _run=entry.run):
+        if not raised:
+            raised.append(cache.name)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1008.00 MiB")
+        return _run(args)
+
+    entry.run = failing_run
+    handles = api.handles
+    _, during = call(fast)
+    assert raised and pool.reliefs == 1 and max_rel_diff(during, ref) <= 1e-5
+    for _ in range(2):
+        _, got = call(fast)
+        assert max_rel_diff(got, ref) <= 1e-5
+    rep = toprovar_fx.last_generation()
+    assert api.handles > handles  # captured again into new pools
+    assert rep.graph_replays > 0 and rep.graph_calls_without_replay == 0 and pool.busy_by == {}
+
+
 def _busy(caches: list[CudaGraphCache]) -> int:
     return sum(e.busy for c in caches for e in c.graphs.values() if e is not None)
 
