@@ -498,12 +498,13 @@ class SharedPool:
         to run again without a graph, and raise ``min_free`` to what that freed. Returns whether
         anything was dropped (if not, the error is the caller's to raise).
 
-        Why: a captured graph keeps its static outputs for as long as it lives, so the graphs of
-        a sampler hold every captured scale's K/V cache at once where eager holds the latest one.
-        At batch 8 on Infinity-8B (H200, twentieth session) the captures took the memory that the
-        last scales, too large to capture, needed for their K/V cache: out of memory where eager
-        ran. The floor the captures then leave free is what the graphs were holding, so the same
-        generation fits the next time; graphs are captured again, at first sight, within it."""
+        Why: a captured graph keeps its static outputs, input buffers and homes for as long as it
+        lives (the graphs of a sampler hold, among others, a K/V cache per captured scale, where
+        eager holds the latest), and the floor checked before each capture cannot know what the
+        rest of the generation needs. At batch 8 on Infinity-8B (H200, twentieth session) a call
+        ran out of memory where eager ran. The floor the captures leave free afterwards is what the
+        graphs were holding, so the same generation fits the next time if the graphs' memory was
+        what it lacked; graphs are captured again, at first sight, within it."""
         before = _reserved(api)
         dropped = self._drop_graphs()
         self.buffers.clear()
