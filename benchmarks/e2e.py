@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -801,6 +801,38 @@ def graph_pool_bytes() -> int | None:
                if tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0))
 
 
+def allocated_breakdown(segments: list[dict[str, Any]], top: int = 5) -> str:
+    """What is allocated, from ``torch.cuda.memory_snapshot()`` segments: GiB in the default pool and
+    in other pools (CUDA graphs'), and the most frequent allocated block sizes in each; for a
+    failed call, what outlived it (its own tensors are gone by then)."""
+    totals: dict[bool, int] = {False: 0, True: 0}
+    sizes: dict[bool, Counter[int]] = {False: Counter(), True: Counter()}
+    for seg in segments:
+        pooled = tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0)
+        for blk in seg.get("blocks", []):
+            if blk.get("state") == "active_allocated":
+                totals[pooled] += int(blk["size"])
+                sizes[pooled][int(blk["size"])] += 1
+
+    def common(pooled: bool) -> str:
+        return ", ".join(f"{n} x {size / 2**20:.0f} MiB" for size, n in sizes[pooled].most_common(top))
+
+    return (f"allocated {totals[False] / 2**30:.1f} GiB in the default pool ({common(False) or 'none'}) and "
+            f"{totals[True] / 2**30:.1f} GiB in graph pools ({common(True) or 'none'})")
+
+
+def _memory_after_failure() -> str:
+    """``allocated_breakdown`` of the device now and the peak since the last reset ('' without CUDA)."""
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception:  # noqa: BLE001 - a diagnosis, never worth failing the run for
+        return ""
+    return (f"after the failure {allocated_breakdown(segments)}; peak before it "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
 def _delta(after: int | None, before: int | None) -> int | None:
     return None if after is None or before is None else after - before
 
@@ -1005,6 +1037,8 @@ def batch_memory_phase(b: Bench) -> None:
                 g = run_generation(run.fn, call, b.marks, b.device, capture_kv=True)
         except (Exception, DeadlineExceeded) as err:  # noqa: BLE001
             run.b8_note = f"failed: {one_line(err)}"
+            if isinstance(err, torch.OutOfMemoryError):
+                run.b8_note += f" ({_memory_after_failure()})"
             continue
         run.peak_bytes_b8 = _own_peak(b, before)
         run.kv_bytes_b8 = g.kv_bytes

@@ -341,6 +341,23 @@ def test_a_variant_is_skipped_when_it_would_not_fit_in_memory(e2e: ModuleType) -
     assert why is not None and "25.0 GiB needed" in why and "24.0 GiB free" in why and "--variants" in why
 
 
+def test_allocated_memory_is_split_by_pool_with_its_most_frequent_block_sizes(e2e: ModuleType) -> None:
+    """What outlived a failed batch call, from a memory snapshot: default pool against CUDA-graph
+    pools, free blocks not counted, the most frequent allocated sizes first."""
+    mib = 2**20
+    segments = [
+        {"segment_pool_id": (0, 0), "blocks": [{"state": "active_allocated", "size": 512 * mib},
+                                               {"state": "active_allocated", "size": 512 * mib},
+                                               {"state": "inactive", "size": 4096 * mib}]},
+        {"segment_pool_id": (1, 3), "blocks": [{"state": "active_allocated", "size": 256 * mib},
+                                               {"state": "active_allocated", "size": 768 * mib}]},
+    ]
+    text = e2e.allocated_breakdown(segments, top=1)
+    assert text.startswith("allocated 1.0 GiB in the default pool (2 x 512 MiB)")
+    assert "1.0 GiB in graph pools (1 x 256 MiB)" in text
+    assert "0.0 GiB in graph pools (none)" in e2e.allocated_breakdown(segments[:1])
+
+
 def test_a_batch_memory_call_is_skipped_when_its_estimate_does_not_fit(e2e: ModuleType) -> None:
     gib = 2**30
     assert e2e.batch_shortfall(5 * gib, 8, 40 * gib, alive=2) is None
