@@ -1435,6 +1435,28 @@ def test_when_pruning_texts_of_one_bucket_share_the_block_graphs_by_default(monk
     assert max(captures[:2]) <= 2 * m.depth < 6 * m.depth <= captures[2], captures
 
 
+def test_a_block_that_selects_its_tokens_is_captured_per_kept_count(monkeypatch):
+    """A planned block that ranks the entropy itself (``select_entropy``) takes no input of the kept
+    count's size, so its graph must be captured per kept count (``BlockPlan.signature``). The entropy
+    gate gives other prompts other counts: before, the graph captured for one count replayed for the
+    next (on a GPU it would have kept the captured count; the stand-in's replay fails on the shape).
+    Strict mode, so a planned block that fails fails the test; the logits are the plain path's."""
+    m = model("infinity-tiny")
+    prompts = [" ".join(["word"] * n) for n in (3, 5, 17)]
+    torch._dynamo.reset()
+    plain = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "infinity-tiny"})
+    want, kept = [], []
+    for p in ("a cat", *prompts):
+        want.append(plain(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1])
+        kept.append([[lay.kept_tokens for lay in sc.layers] for sc in toprovar_fx.last_generation().scales])
+    assert len({repr(k) for k in kept}) > 1  # the prompts' kept counts differ somewhere
+    _, fast, _ = _warmed_on_three_text_lengths(monkeypatch, {"policy": "infinity-tiny", "strict": True})
+    for p, logits in zip(prompts, want[1:]):
+        _, got = fast(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0, return_logits=True)
+        assert max_rel_diff(list(got), list(logits)) < 1e-5
+    assert last_session().planned_calls > 0
+
+
 def _compiled_var_tiny(**options):
     """The var-tiny sampler call and a fresh toprovar compile of it with its policy and ``options``."""
     m = model("var-tiny")

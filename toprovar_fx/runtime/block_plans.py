@@ -72,9 +72,12 @@ class BlockPlan:
 
     @property
     def signature(self) -> tuple[Any, ...]:
-        """What the captured computation depends on beyond its inputs' shapes."""
-        return (self.actions, self.select_in_graph, self.select_entropy, self.measure, self.cached_hw, self.hw,
-                self.record_cache, self.cond_only)
+        """What the captured computation depends on beyond its inputs' shapes. ``k`` too: a block
+        that selects its own tokens (``select_entropy``, ``select_in_graph``) takes no input of
+        ``k``'s size, so without it a graph captured for one kept count replayed for another (the
+        entropy gate gives each prompt its own k): it kept the captured count, not the decided one."""
+        return (self.actions, self.k, self.select_in_graph, self.select_entropy, self.measure, self.cached_hw,
+                self.hw, self.record_cache, self.cond_only)
 
 
 @dataclass
