@@ -118,7 +118,7 @@ def test_warm_start_refuses_other_config(micro_run, tmp_path):
 
 
 def test_wall_clock_budget_stops_and_saves(tmp_path):
-    """Unreachable step counts: both phases stop on the budget, anneal fully, and the run still saves."""
+    """Unreachable step counts: both phases stop on the budget, anneal by time, and the run still saves."""
     proc = _train(["--out", str(tmp_path), "--workers", "1", "--num-images", "64", "--eval-images", "16",
                    "--tok-steps", "100000", "--tf-steps", "100000", "--max-minutes", "0.3", "--no-samples"],
                   timeout=120)
@@ -127,5 +127,8 @@ def test_wall_clock_budget_stops_and_saves(tmp_path):
     for phase in ("tokenizer", "transformer"):
         hist = m[phase]["history"]
         assert 0 < len(hist) < 100000
-        assert hist[-1]["lr"] < 0.2 * max(h["lr"] for h in hist)  # the schedule followed the time
+        # the schedule followed the time: by steps (progress <= 1e-3) it would still be at its peak.
+        # Not "fully annealed": on a loaded 2-core host one step may take a sixth of a phase's few
+        # seconds, and the last step then starts at 0.8 of it (CI, twentieth session: 0.23 of the peak)
+        assert hist[-1]["lr"] < 0.5 * max(h["lr"] for h in hist)
     assert load_reference(tmp_path).fingerprint()["depth"] == 2
