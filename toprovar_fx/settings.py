@@ -58,7 +58,8 @@ class Settings:
     # of several lengths share block graphs (passes/bucket_context.py); 0 = off. None = by mode
     # (``resolved_context_bucket``): on the H200 a new text length in a seen bucket costs ~0.1 s
     # instead of 2.5-4 s of captures and graph pools halve with two lengths, for <= 1% latency
-    # (benchmarks/results/e2e-2026-12-01-buckets.md); but in bfloat16 the longer masked key length
+    # (benchmarks/results/e2e-2026-12-01-buckets.md, before the planned blocks were captured per kept
+    # count, which new prompts may add); but in bfloat16 the longer masked key length
     # changes the rounding, and observe mode promises dense's output.
     context_bucket: int | None = None
     # Inductor config patches (``torch._inductor.config`` names -> values) for every graph and
