@@ -16,6 +16,7 @@ import torch
 
 import toprovar_fx
 from toprovar_fx import zoo
+from toprovar_fx.lowering.cuda_graphs import fail_one_replay
 from toprovar_fx.metrics import psnr
 from toprovar_fx.policies import load_policy
 
@@ -200,17 +201,8 @@ def relief(lines: list[str], out: str) -> None:
     for _ in range(4):  # compile, then lending from the first generation that compiles nothing
         call(fast)
     pool = last_session().graph_pool()
-    entries = [(cache, e) for cache in list(pool.caches) for e in cache.graphs.values() if e is not None]
-    cache, entry = entries[len(entries) // 2]  # a graph in the middle of the generation
-    raised: list[str] = []
-
-    def failing_run(args, _run=entry.run):
-        if not raised:
-            raised.append(cache.name)
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by gpu_check --relief)")
-        return _run(args)
-
-    entry.run = failing_run
+    captured = sum(e is not None for cache in list(pool.caches) for e in cache.graphs.values())
+    raised = fail_one_replay(list(pool.caches), "CUDA out of memory (injected by gpu_check --relief)")
     reserved = torch.cuda.memory_reserved()
     _, during = call(fast)
     after_relief = (pool.reliefs, pool.min_free, torch.cuda.memory_reserved())
@@ -220,7 +212,7 @@ def relief(lines: list[str], out: str) -> None:
         replays.append(toprovar_fx.last_generation().graph_replays)
         diffs.append(_rel(got, ref))
     lines += ["## Out of memory inside a replay, infinity-tiny, fp32, CUDA", "",
-              f"{len(entries)} graphs captured; the injected error in `{raised[0] if raised else 'nothing'}`. "
+              f"{captured} graphs captured; the injected error in `{raised[0] if raised else 'nothing'}`. "
               f"Reserved before: {reserved / 2**20:.0f} MiB; after the relief {after_relief[2] / 2**20:.0f} MiB; "
               f"reliefs {after_relief[0]}, floor now {after_relief[1] / 2**20:.0f} MiB.", "",
               "| generation | max rel logit diff vs the policy without CUDA graphs | CUDA-graph replays |", "|---|---|---|",

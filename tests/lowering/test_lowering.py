@@ -1251,20 +1251,12 @@ def test_out_of_memory_in_a_replay_mid_generation_gives_the_same_logits_and_grap
         call(fast)
     pool = last_session().graph_pool()
     assert pool.lending
-    entries = [(c, e) for c in made for e in c.graphs.values() if e is not None]
-    cache, entry = entries[len(entries) // 2]
-    raised = []
-
-    def failing_run(args, _run=entry.run):
-        if not raised:
-            raised.append(cache.name)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1008.00 MiB")
-        return _run(args)
-
-    entry.run = failing_run
+    raised = cuda_graphs.fail_one_replay(made, "CUDA out of memory. Tried to allocate 1008.00 MiB")
     handles = api.handles
     _, during = call(fast)
     assert raised and pool.reliefs == 1 and max_rel_diff(during, ref) <= 1e-5
+    with pytest.raises(ValueError, match="no captured graph"):
+        cuda_graphs.fail_one_replay([])
     for _ in range(2):
         _, got = call(fast)
         assert max_rel_diff(got, ref) <= 1e-5

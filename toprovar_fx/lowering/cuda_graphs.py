@@ -29,7 +29,7 @@ import logging
 import operator
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -603,6 +603,28 @@ class SharedPool:
         if buf is None:
             buf = self.buffers[key] = _empty_like_layout(like)
         return buf
+
+
+def fail_one_replay(caches: Iterable[CudaGraphCache], message: str = "CUDA out of memory (injected)") -> list[str]:
+    """Make the captured graph in the middle of ``caches``' graphs (in capture order) raise
+    ``torch.OutOfMemoryError`` at its next replay, once; returns a list that receives the graph's
+    name when it does. A fault injection for checking ``SharedPool.relieve`` on a real run
+    (``benchmarks/gpu_check.py --relief``, ``tests/lowering``)."""
+    entries = [(c, e) for c in caches for e in c.graphs.values() if e is not None]
+    if not entries:
+        raise ValueError("fail_one_replay: no captured graph to fail")
+    cache, entry = entries[len(entries) // 2]
+    raised: list[str] = []
+    replay = entry.run
+
+    def failing_run(args: Sequence[Any]) -> Any:
+        if not raised:
+            raised.append(cache.name)
+            raise torch.OutOfMemoryError(message)
+        return replay(args)
+
+    entry.run = failing_run  # type: ignore[method-assign]
+    return raised
 
 
 class CudaGraphCache:
