@@ -1419,31 +1419,20 @@ def test_a_padded_context_lets_a_new_text_length_replay_the_captured_block_graph
         assert max_rel_diff(list(got), list(want)) < 1e-5
 
 
-def test_when_pruning_texts_of_one_bucket_share_the_block_graphs_by_default(monkeypatch):
+def test_when_pruning_texts_of_one_bucket_share_the_block_graphs_and_planned_blocks_follow_each_kept_count(
+        monkeypatch):
     """Prune mode pads the text to buckets of 16 tokens by default: new lengths in the bucket seen
-    before capture a handful of graphs (each block's context refill, the sampler's first), and
-    only a length in a new bucket captures the block graphs again (36 captures at every new
-    length on infinity-tiny with ``context_bucket: 0``)."""
-    m, fast, api, made = _warmed_on_three_text_lengths(monkeypatch, {"policy": "infinity-tiny"})
-    captures, outside_planned = [], []
-    for words in (3, 5, 17):  # the bucket of 16 tokens seen before, twice; then the bucket of 32
-        before, before_outside = api.captures, _captured_outside_planned_blocks(made)
-        fast(m.encode_prompts([" ".join(["word"] * words)]), B=1, g_seed=7, cfg_list=3.0)
-        captures.append(api.captures - before)
-        outside_planned.append(_captured_outside_planned_blocks(made) - before_outside)
-    # a prompt whose entropy gate keeps a new count captures the planned blocks of it (their graphs
-    # are per kept count); the block graphs themselves are shared within the bucket
-    assert max(outside_planned[:2]) <= 2 * m.depth < 6 * m.depth <= captures[2], (captures, outside_planned)
+    before capture a handful of graphs outside the planned blocks (each block's context refill, the
+    sampler's first), and only a length in a new bucket captures the block graphs again (26 outside
+    the planned blocks at every new length on infinity-tiny with ``context_bucket: 0``).
 
-
-def test_a_block_that_selects_its_tokens_is_captured_per_kept_count(monkeypatch):
-    """A planned block that ranks the entropy itself (``select_entropy``) takes no input of the kept
-    count's size, so its graph must be captured per kept count (``BlockPlan.signature``). The entropy
-    gate gives other prompts other counts: before, the graph captured for one count replayed for the
-    next (on a GPU it would have kept the captured count; the stand-in's replay fails on the shape).
+    A planned block that ranks the entropy itself (``select_entropy``) takes no input of the kept
+    count's size, so its graphs are per kept count (``BlockPlan.signature``). The entropy gate gives
+    these prompts other counts than the warm-up's: before, the graph captured for one count replayed
+    for the next (on a GPU it kept the captured count; the stand-in's replay fails on the shape).
     Strict mode, so a planned block that fails fails the test; the logits are the plain path's."""
     m = model("infinity-tiny")
-    prompts = [" ".join(["word"] * n) for n in (3, 5, 17)]
+    prompts = [" ".join(["word"] * n) for n in (3, 5, 17)]  # the bucket of 16 seen before, twice; then 32
     torch._dynamo.reset()
     plain = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": "infinity-tiny"})
     want, kept = [], []
@@ -1451,11 +1440,16 @@ def test_a_block_that_selects_its_tokens_is_captured_per_kept_count(monkeypatch)
         want.append(plain(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0, return_logits=True)[1])
         kept.append([[lay.kept_tokens for lay in sc.layers] for sc in toprovar_fx.last_generation().scales])
     assert len({repr(k) for k in kept}) > 1  # the prompts' kept counts differ somewhere
-    _, fast, _, _ = _warmed_on_three_text_lengths(monkeypatch, {"policy": "infinity-tiny", "strict": True})
+    _, fast, api, made = _warmed_on_three_text_lengths(monkeypatch, {"policy": "infinity-tiny", "strict": True})
+    captures, outside_planned = [], []
     for p, logits in zip(prompts, want[1:]):
+        before, before_outside = api.captures, _captured_outside_planned_blocks(made)
         _, got = fast(m.encode_prompts([p]), B=1, g_seed=7, cfg_list=3.0, return_logits=True)
+        captures.append(api.captures - before)
+        outside_planned.append(_captured_outside_planned_blocks(made) - before_outside)
         assert max_rel_diff(list(got), list(logits)) < 1e-5
     assert last_session().planned_calls > 0
+    assert max(outside_planned[:2]) <= 2 * m.depth < 6 * m.depth <= captures[2], (captures, outside_planned)
 
 
 def _compiled_var_tiny(**options):
