@@ -797,8 +797,12 @@ def graph_pool_bytes() -> int | None:
         segments = torch.cuda.memory_snapshot()
     except Exception:  # noqa: BLE001 - a measurement, never worth failing the run for
         return None
-    return sum(int(seg.get("total_size", 0)) for seg in segments
-               if tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0))
+    return sum(int(seg.get("total_size", 0)) for seg in segments if in_graph_pool(seg))
+
+
+def in_graph_pool(segment: dict[str, Any]) -> bool:
+    """Whether a ``torch.cuda.memory_snapshot()`` segment lies in a pool other than the default one."""
+    return tuple(segment.get("segment_pool_id") or (0, 0)) != (0, 0)
 
 
 def allocated_breakdown(segments: list[dict[str, Any]], top: int = 5) -> str:
@@ -808,7 +812,7 @@ def allocated_breakdown(segments: list[dict[str, Any]], top: int = 5) -> str:
     totals: dict[bool, int] = {False: 0, True: 0}
     sizes: dict[bool, Counter[int]] = {False: Counter(), True: Counter()}
     for seg in segments:
-        pooled = tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0)
+        pooled = in_graph_pool(seg)
         for blk in seg.get("blocks", []):
             if blk.get("state") == "active_allocated":
                 totals[pooled] += int(blk["size"])

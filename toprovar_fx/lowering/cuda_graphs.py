@@ -388,6 +388,11 @@ def _available(api: Any) -> tuple[int, int] | None:
         return None
 
 
+def default_min_free(total: int) -> int:
+    """The free-memory floor when option ``cuda_graph_min_free_mib`` is not given: 1/32 of the device."""
+    return total // 32
+
+
 def _reserved(api: Any) -> int:
     """Bytes the caching allocator reserves (0 for a stand-in API without the count)."""
     reserved = getattr(api, "memory_reserved", None)
@@ -482,7 +487,7 @@ class SharedPool:
             return True
         free, total = available
         if self.min_free is None:
-            self.min_free = total // 32
+            self.min_free = default_min_free(total)
         if free > self.min_free:
             return True
         if not self.refused:
@@ -507,9 +512,9 @@ class SharedPool:
         what it lacked; graphs are captured again, at first sight, within it."""
         before = _reserved(api)
         dropped = self._drop_graphs()
-        self.buffers.clear()
         if not dropped:
             return False
+        self.buffers.clear()
         gc.collect()  # a group and its members reference each other
         empty = getattr(api, "empty_cache", None)
         if empty is not None:
@@ -517,7 +522,7 @@ class SharedPool:
         freed = max(before - _reserved(api), 0)
         available = _available(api)
         if self.min_free is None and available is not None:
-            self.min_free = available[1] // 32
+            self.min_free = default_min_free(available[1])
         self.min_free = max(self.min_free or 0, freed)
         self.reliefs += 1
         (log.warning if self.reliefs == 1 else log.info)(
