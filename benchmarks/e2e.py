@@ -1051,7 +1051,47 @@ def batch_memory_phase(b: Bench) -> None:
             run.b8_note = "measured on the call that compiled for this batch"
         if run.variant.kind == "toprovar" and _reliefs() > reliefs_before:
             run.b8_note = "; ".join(filter(None, [run.b8_note, f"the GPU ran out of memory {_reliefs() - reliefs_before} "
-                                                  "time(s) inside the backend, which dropped its CUDA graphs and went on"]))
+                                                  "time(s) inside the backend, which dropped its CUDA graphs and went on",
+                                                  batch1_after_relief(b, run)]))
+
+
+def batch1_after_relief(b: Bench, run: VariantRun) -> str:
+    """Batch-1 latency after a relief at the larger batch: the relief dropped every graph, batch-1
+    ones included, and raised the free-memory floor, so batch 1 captures again within it and may
+    keep fewer graphs than before. Warm-up as in the timed phase (``settle``), then up to
+    ``--rounds`` timed calls (the budget permitting); returns the note's sentence."""
+    if not run.times_ms:
+        return ""
+    pool = last_session().graph_pool()
+    settled = len(run.settle_ms)  # settle() appends there: those are the first warm-up's, not these
+    try:
+        activity = [graph_activity()]
+        with deadline(max(b.budget.left(), 5.0), f"{run.key} batch 1 after the relief"):
+            for _ in range(2):
+                b.gen(run)
+                activity.append(graph_activity())
+            settle(b, run, activity)
+            times, replayed, refused = [], 0, 0
+            while len(times) < b.args.rounds and b.budget.left() > 2 * run.warm_s():
+                refused_before = pool.refused
+                times.append(b.gen(run).wall_ms)
+                rep = toprovar_fx.last_generation()
+                replayed, refused = rep.graph_replays or 0, pool.refused - refused_before
+    except (Exception, DeadlineExceeded) as err:  # noqa: BLE001
+        return f"batch 1 afterwards failed: {one_line(err)}"
+    finally:
+        del run.settle_ms[settled:]
+    if not times:
+        return "batch 1 afterwards: not timed (time budget)"
+    return (f"batch 1 afterwards: median {statistics.median(times):.1f} ms over {len(times)} call(s), against "
+            f"{run.median_ms():.1f} ms before; per generation {replayed} graph replays and {refused} calls refused a "
+            f"capture by the free-memory floor ({pool.floor() / 2**20:.0f} MiB; after the relief, "
+            f"{_floors_mib(pool)})")
+
+
+def _floors_mib(pool: Any) -> str:
+    """``SharedPool.floors`` in words: the raised free-memory floor per generation rows."""
+    return ", ".join(f"{mib / 2**20:.0f} MiB at {rows} rows" for rows, mib in sorted(pool.floors.items())) or "none raised"
 
 
 def _reliefs() -> int:

@@ -26,13 +26,13 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
                for x, y in zip(a, b))
 
 
-def _call(name: str, m: torch.nn.Module, device: str):
+def _call(name: str, m: torch.nn.Module, device: str, batch: int = 1):
     if name.startswith("infinity"):
-        cond = m.encode_prompts(["a red cat on a mat"])
+        cond = m.encode_prompts(["a red cat on a mat"] * batch)
         cond = tuple(c.to(device) if isinstance(c, torch.Tensor) else c for c in cond)
-        return lambda fn, **kw: fn(cond, B=1, g_seed=7, cfg_list=3.0, return_logits=True, **kw)
-    labels = torch.tensor([3], device=device)
-    return lambda fn, **kw: fn(B=1, label_B=labels, g_seed=7, cfg=1.5, return_logits=True, **kw)
+        return lambda fn, **kw: fn(cond, B=batch, g_seed=7, cfg_list=3.0, return_logits=True, **kw)
+    labels = torch.tensor([3] * batch, device=device)
+    return lambda fn, **kw: fn(B=batch, label_B=labels, g_seed=7, cfg=1.5, return_logits=True, **kw)
 
 
 def _write(lines: list[str], out: str) -> None:
@@ -196,6 +196,7 @@ def relief(lines: list[str], out: str) -> None:
     plain = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": frozen, "cuda_graphs": False})
     call(plain)
     _, ref = call(plain)
+    _, ref2 = _call(name, m, "cuda", batch=2)(plain)  # before ``fast``: one backend per Dynamo cache
     torch._dynamo.reset()
     fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": frozen})
     for _ in range(4):  # compile, then lending from the first generation that compiles nothing
@@ -205,7 +206,7 @@ def relief(lines: list[str], out: str) -> None:
     raised = fail_one_replay(list(pool.caches), "CUDA out of memory (injected by gpu_check --relief)")
     reserved = torch.cuda.memory_reserved()
     _, during = call(fast)
-    after_relief = (pool.reliefs, pool.min_free, torch.cuda.memory_reserved())
+    after_relief = (pool.reliefs, max(pool.floors.values(), default=0), torch.cuda.memory_reserved())
     replays, diffs = [], []
     for _ in range(3):
         _, got = call(fast)
@@ -219,6 +220,69 @@ def relief(lines: list[str], out: str) -> None:
               f"| with the error | {_rel(during, ref):.2e} | - |"]
     lines += [f"| after, {i + 1} | {d:.2e} | {r} |" for i, (d, r) in enumerate(zip(diffs, replays))]
     lines.append("")
+    _write(lines, out)
+    _relief_at_batch_2(lines, out, name, m, fast, ref, ref2)
+    _mem_get_info_latency(lines, out)
+
+
+def _relief_at_batch_2(lines: list[str], out: str, name: str, m: torch.nn.Module, fast, ref, ref2) -> None:
+    """The error injected into a batch-2 generation: the floor rises for generations of its rows
+    only, so the batch-1 generations after it capture and replay as before, and agree."""
+    from toprovar_fx.runtime.session import last_session
+
+    call2 = _call(name, m, "cuda", batch=2)
+    call = _call(name, m, "cuda")
+    for _ in range(2):
+        call2(fast)
+    pool = last_session().graph_pool()
+    fail_one_replay(list(pool.caches), "CUDA out of memory (injected by gpu_check --relief, batch 2)")
+    reliefs = pool.reliefs
+    _, during = call2(fast)
+    rows = [(f"batch 2, with the error (reliefs {pool.reliefs - reliefs})", _rel(during, ref2), "-", "-", "-")]
+    for i in range(3):
+        refused, t0 = pool.refused, time.perf_counter()
+        _, got = call(fast)
+        torch.cuda.synchronize()
+        ms = 1e3 * (time.perf_counter() - t0)
+        rows.append((f"batch 1 after, {i + 1}", _rel(got, ref), toprovar_fx.last_generation().graph_replays,
+                     pool.refused - refused, f"{ms:.0f}"))
+    floors = ", ".join(f"{v / 2**20:.0f} MiB at {k} rows" for k, v in sorted(pool.floors.items()))
+    lines += ["## Out of memory at batch 2, then batch 1 (infinity-tiny, fp32, CUDA)", "",
+              f"Floors raised: {floors or 'none'}; the default floor {(pool.min_free or 0) / 2**20:.0f} MiB.", "",
+              "| generation | max rel logit diff vs the policy without CUDA graphs | CUDA-graph replays | "
+              "captures refused | wall ms |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {d:.2e} | {r} | {f} | {ms} |" for a, d, r, f, ms in rows]
+    lines.append("")
+    _write(lines, out)
+
+
+def _mem_get_info_latency(lines: list[str], out: str) -> None:
+    """How long ``torch.cuda.mem_get_info`` takes, idle and with GPU work queued: the free-memory
+    floor asks it before captures (``SharedPool.room``)."""
+    def timed(n: int) -> list[float]:
+        us = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            torch.cuda.mem_get_info()
+            us.append(1e6 * (time.perf_counter() - t0))
+        return us
+
+    idle = timed(200)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(40):
+        a @ a
+    queued_ms = 1e3 * (time.perf_counter() - t0)
+    busy = timed(20)
+    t0 = time.perf_counter()
+    torch.cuda.synchronize()
+    left_ms = 1e3 * (time.perf_counter() - t0)
+    lines += ["## `torch.cuda.mem_get_info` latency", "",
+              f"Idle: median {statistics.median(idle):.1f} us (max {max(idle):.1f}) over 200 calls. With 40 bf16 "
+              f"8192^3 GEMMs queued ({queued_ms:.1f} ms to queue): first call {busy[0]:.1f} us, median "
+              f"{statistics.median(busy):.1f} us over 20; the queue then took {left_ms:.1f} ms more to drain "
+              "(about 0: a call waited for it).", ""]
     _write(lines, out)
 
 

@@ -544,9 +544,10 @@ def test_no_graph_is_captured_while_the_device_is_short_of_free_memory(caplog):
 def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_floor(caplog):
     """The GPU out of memory inside a call of ours (here: a new shape's warm-up before its capture):
     every graph of the session is dropped, the call runs without a graph and gives its result, the
-    free-memory floor rises to what dropping freed, and one warning says so. A shape seen next while
-    less than that is free runs without a graph; an out-of-memory error with no graph left to drop
-    is raised."""
+    free-memory floor of generations of that many rows rises to what dropping freed, and one
+    warning says so. A shape seen next in such a generation while less than that is free runs
+    without a graph, while a generation of fewer rows still captures; an out-of-memory error with
+    no graph left to drop is raised."""
     from toprovar_fx.lowering.cuda_graphs import SharedPool
 
     class Tight(_FakeGraphAPI):
@@ -563,7 +564,8 @@ def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_f
 
     api = Tight()
     api.private_cost = 0
-    pool = SharedPool(min_free=1 << 20)
+    generation = {"rows": 2, "scale": 0}
+    pool = SharedPool(min_free=1 << 20, rows=lambda: generation["rows"], position=lambda: generation["scale"])
     failing = {"rows": None}
 
     def fn(x, w, n):
@@ -580,20 +582,29 @@ def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_f
     assert api.captures == 2 and all(len(b.graphs) == 1 for b in blocks)
     api.reserved = 24 << 20  # what the two graphs' pools hold
     failing["rows"] = 16
+    generation.update(rows=16, scale=1)  # a generation of batch 8 (x CFG)
     big = torch.randn(16, 4)
     with caplog.at_level("WARNING", logger="toprovar"):
         out, _ = blocks[0](big, w, 1)
     torch.testing.assert_close(out, big @ w + 1)
     assert pool.reliefs == 1 and not any(b.graphs for b in blocks) and not pool.lent
-    assert pool.min_free == 24 << 20  # what the graphs held stays free from now on
+    assert pool.floors == {16: 24 << 20} and pool.min_free == 1 << 20  # what the graphs held stays free
     assert sum("ran out of memory" in r.getMessage() for r in caplog.records) == 1
     api.free = 16 << 20  # less than the new floor: the shape runs, without a graph
     out, _ = blocks[1](big, w, 2)
     torch.testing.assert_close(out, big @ w + 2)
     assert api.captures == 2 and pool.refused == 1
+    generation.update(rows=2, scale=2)  # batch 1 again: its graphs fit beside it, as before
+    out, _ = blocks[1](x, w, 3)
+    torch.testing.assert_close(out, x @ w + 3)
+    assert api.captures == 3 and pool.refused == 1
+    generation.update(rows=16, scale=3)
+    failing["rows"] = 16
+    blocks[1](big, w, 4)  # the batch-1 graph is given back
+    assert pool.reliefs == 2 and not blocks[1].graphs
     failing["rows"] = 16
     with pytest.raises(torch.OutOfMemoryError):  # nothing left to give back: the error is the caller's
-        blocks[1](big, w, 3)
+        blocks[1](big, w, 5)
 
 
 def test_graphs_lend_in_place_from_their_groups_pool_and_replay_only_while_later_outputs_are_free():

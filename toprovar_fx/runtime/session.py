@@ -130,7 +130,8 @@ class Session:
             clock = self.clock
             self._graph_pool = SharedPool(private_budget=None if mib is None else int(mib * 2**20),
                                           position=lambda: (clock.generation, clock.scale),
-                                          min_free=None if free_mib is None else int(free_mib * 2**20))
+                                          min_free=None if free_mib is None else int(free_mib * 2**20),
+                                          rows=lambda: self.gen.rows if self.gen is not None else 0)
         return self._graph_pool
 
     def add_site(self, **kw: Any) -> SiteInfo:
