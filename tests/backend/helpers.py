@@ -22,7 +22,7 @@ def sampler_call(name: str, batch: int = 1, **extra) -> Callable[[Callable], tup
     """A function that calls a sampler of zoo model ``name`` with fixed arguments (CFG on)."""
     m = model(name)
     if name.startswith("infinity"):
-        prompts = ["a red cat on a mat", "two blue squares"][:batch]
+        prompts = (["a red cat on a mat", "two blue squares"] * batch)[:batch]
         cond = m.encode_prompts(prompts)
         return lambda fn: fn(cond, B=batch, g_seed=7, cfg_list=3.0, return_logits=True, **extra)
     labels = torch.arange(batch) + 3

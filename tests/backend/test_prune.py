@@ -156,6 +156,28 @@ def test_entropy_decisions_are_per_image_and_shared_by_cfg_halves():
     assert differs  # two images, two entropy maps, different kept tokens somewhere
 
 
+def test_batch_8_after_batch_1_prunes_like_batch_1_without_warnings_at_run_time():
+    """After batch 1, Dynamo compiles batch 8 with symbolic rows; at the 4x4 scale its 16 rows and
+    16 tokens get one symbol, so that graph cannot be routed. The scale is before the policy acts:
+    the generations after the compile report no fallback, and the pruned scales keep what they
+    keep at batch 1."""
+    from toprovar_fx.policies import load_policy
+
+    m = model("infinity-tiny")
+    pol = load_policy("infinity-tiny")
+    frozen = {"global": [0, 1], "detail": list(range(2, pol.model.depth))}  # decisions that do not depend on the batch
+    pol = pol.derive("infinity-tiny-frozen", {"scale": {"criterion": "fixed"}, "layer": {"mode": "frozen", "frozen": frozen}})
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": pol})
+    sampler_call("infinity-tiny", 1)(fast)
+    one = [s.flops_executed / s.flops_dense for s in toprovar_fx.last_generation().scales]
+    for _ in range(2):
+        sampler_call("infinity-tiny", 8)(fast)
+    rep = toprovar_fx.last_generation()
+    assert rep.rows == 16 and rep.compiles == 0 and rep.fallbacks == []
+    assert min(one) < 1 and [s.flops_executed / s.flops_dense for s in rep.scales] == pytest.approx(one, abs=0.02)
+
+
 def test_the_scale_decision_is_read_at_the_first_layer_that_needs_it(monkeypatch):
     """Layers between the measured layer and the first Detail layer keep every branch whatever the
     decision says: the decision's device work is launched at the first of them and read (the host

@@ -26,7 +26,7 @@ class RopeBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
-def _capture(dynamic: bool):
+def _capture(dynamic: bool, rows: int = 2, tokens: tuple[int, ...] = (5, 7)):
     graphs = []
 
     def recorder(gm, example_inputs, **kw):
@@ -35,10 +35,10 @@ def _capture(dynamic: bool):
 
     blk = RopeBlock()
     fn = torch.compile(blk, backend=recorder, dynamic=dynamic)
-    for n in (5, 7):
-        blk.cached_k = torch.randn(2, 4, 3, 8)
-        blk.cached_v = torch.randn(2, 4, 3, 8)
-        fn(torch.randn(2, n, 32), torch.randn(1, 1, n, 8), torch.randn(2, 1, 32))
+    for n in tokens:
+        blk.cached_k = torch.randn(rows, 4, 3, 8)
+        blk.cached_v = torch.randn(rows, 4, 3, 8)
+        fn(torch.randn(rows, n, 32), torch.randn(1, 1, n, 8), torch.randn(rows, 1, 32))
     return graphs[-1]
 
 
@@ -63,3 +63,12 @@ def test_static_graph_is_not_prunable():
     gm = _capture(dynamic=False)
     sa = analyse_branches(gm)[0]
     assert not sa.prunable and "static" in sa.why_not
+
+
+def test_rows_equal_to_the_token_count_share_a_symbol_and_are_not_routed():
+    """Dynamo gives equal sizes one symbol (16 rows at batch 8 with CFG, 16 tokens at 4x4): no
+    branch of such a graph can be routed, and the reason says why."""
+    branches = analyse_branches(_capture(dynamic=True, rows=6, tokens=(6,)))
+    assert [b.kind for b in branches] == ["self_attn", "ffn"]
+    assert all(not b.prunable and "one size" in b.why_not for b in branches), [b.why_not for b in branches]
+    assert analyse_branches(_capture(dynamic=True, rows=6, tokens=(5,)))[1].prunable  # sizes apart: routed

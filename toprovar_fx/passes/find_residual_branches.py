@@ -204,6 +204,12 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
                 # e.g. packed query indices built from the full token count outside the branch:
                 # they cannot follow a gather, so this branch must run on all tokens
                 br.prunable, br.why_not = False, f"input {inp.name} has a shape derived from the token count"
+        if not isinstance(tokens, int) and _same_size(sa[0], tokens):
+            # Dynamo gives equal sizes one symbol (duck sizing): at batch 8 with CFG the 16 rows of
+            # the 4x4 scale are its 16 tokens, and no input tells rows from tokens any more. The
+            # graph's guards keep it to calls where the two are equal: early, dense scales in practice
+            br.prunable, br.why_not = False, (f"the rows (batch x CFG) and the token count are one size ({tokens}) "
+                                              "in this graph, so the two cannot be told apart; Dynamo runs it only where they are equal")
 
         for n in region:
             outside = [u for u in n.users if u not in region_set and u is not node]

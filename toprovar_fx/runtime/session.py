@@ -229,6 +229,13 @@ class Session:
             return False
         return decider.keeps_all_next(self_sites, mixed, plannable)
 
+    def _policy_may_act(self, scale: int) -> bool:
+        """Whether the policy may skip or prune anything at ``scale`` (unknown: True). Before its
+        first active scale a site outside a routed branch loses nothing: at batch 8 with CFG,
+        Dynamo's graph for the 4x4 scale (16 rows, 16 tokens) cannot route, and warned each time."""
+        first = self.decider.first_active_scale()
+        return first is None or scale >= first
+
     def _policy_mismatch(self, message: str) -> None:
         """The policy does not fit what runs: raise (strict / on_mismatch: error) or go dense."""
         text = f"policy {self.policy.name!r}: {message}; running dense"
@@ -257,7 +264,7 @@ class Session:
         observe = tick is None  # in prune mode the dispatcher ticks and counts FLOPs itself
         if observe:
             tick = self.tick(int(lq), int(rows))
-            if self.decider is not None and tick.scale > 0 and not dense_variant:
+            if self.decider is not None and tick.scale > 0 and not dense_variant and self._policy_may_act(tick.scale):
                 reasons = "; ".join(sorted(self.unrouted)) or "no residual branch found around it"
                 self.fallback(
                     "a self-attention ran outside a routed residual branch, so its layer cannot be skipped "
