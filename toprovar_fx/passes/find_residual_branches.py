@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels import FAE_OP
 from .context import PassContext, PassResult
@@ -204,7 +205,7 @@ def analyse_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
                 # e.g. packed query indices built from the full token count outside the branch:
                 # they cannot follow a gather, so this branch must run on all tokens
                 br.prunable, br.why_not = False, f"input {inp.name} has a shape derived from the token count"
-        if not isinstance(tokens, int) and _same_size(sa[0], tokens):
+        if not isinstance(tokens, int) and statically_known_true(sa[0] == tokens):  # no guard added
             # Dynamo gives equal sizes one symbol (duck sizing): at batch 8 with CFG the 16 rows of
             # the 4x4 scale are its 16 tokens, and no input tells rows from tokens any more. The
             # graph's guards keep it to calls where the two are equal: early, dense scales in practice
