@@ -1086,12 +1086,7 @@ def batch1_after_relief(b: Bench, run: VariantRun) -> str:
     return (f"batch 1 afterwards: median {statistics.median(times):.1f} ms over {len(times)} call(s), against "
             f"{run.median_ms():.1f} ms before; per generation {replayed} graph replays and {refused} calls refused a "
             f"capture by the free-memory floor ({pool.floor() / 2**20:.0f} MiB; after the relief, "
-            f"{_floors_mib(pool)})")
-
-
-def _floors_mib(pool: Any) -> str:
-    """``SharedPool.floors`` in words: the raised free-memory floor per generation rows."""
-    return ", ".join(f"{mib / 2**20:.0f} MiB at {rows} rows" for rows, mib in sorted(pool.floors.items())) or "none raised"
+            f"{pool.floors_text()})")
 
 
 def _reliefs() -> int:

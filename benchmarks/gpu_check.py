@@ -247,9 +247,8 @@ def _relief_at_batch_2(lines: list[str], out: str, name: str, m: torch.nn.Module
         rep = toprovar_fx.last_generation()
         rows.append((f"batch 1 after, {i + 1}", _rel(got, ref), rep.graph_replays, pool.refused - refused,
                      f"{ms:.0f} ({rep.compiles} compiles, {rep.compile_seconds:.1f} s)"))
-    floors = ", ".join(f"{v / 2**20:.0f} MiB at {k} rows" for k, v in sorted(pool.floors.items()))
     lines += ["## Out of memory at batch 2, then batch 1 (infinity-tiny, fp32, CUDA)", "",
-              f"Floors raised: {floors or 'none'}; the default floor {(pool.min_free or 0) / 2**20:.0f} MiB.", "",
+              f"Floors raised: {pool.floors_text()}; the default floor {(pool.min_free or 0) / 2**20:.0f} MiB.", "",
               "| generation | max rel logit diff vs the policy without CUDA graphs | CUDA-graph replays | "
               "captures refused | wall ms |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {d:.2e} | {r} | {f} | {ms} |" for a, d, r, f, ms in rows]

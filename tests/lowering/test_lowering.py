@@ -589,6 +589,7 @@ def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_f
     torch.testing.assert_close(out, big @ w + 1)
     assert pool.reliefs == 1 and not any(b.graphs for b in blocks) and not pool.lent
     assert pool.floors == {16: 24 << 20} and pool.min_free == 1 << 20  # what the graphs held stays free
+    assert pool.floors_text() == "24 MiB at 16 rows"
     assert sum("ran out of memory" in r.getMessage() for r in caplog.records) == 1
     api.free = 16 << 20  # less than the new floor: the shape runs, without a graph
     out, _ = blocks[1](big, w, 2)

@@ -509,6 +509,10 @@ class SharedPool:
         rows as one that ran out of memory (``relieve``)."""
         return max(self.min_free or 0, self.floors.get(self.rows(), 0))
 
+    def floors_text(self) -> str:
+        """The raised floors (``relieve``) in words, for reports."""
+        return ", ".join(f"{b / 2**20:.0f} MiB at {rows} rows" for rows, b in sorted(self.floors.items())) or "none raised"
+
     def relieve(self, api: Any, err: BaseException) -> bool:
         """After the GPU ran out of memory inside a call of ours: drop every graph of the session,
         so that the memory their pools, static outputs and input buffers hold is free for the call
