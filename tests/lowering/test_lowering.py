@@ -564,8 +564,8 @@ def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_f
 
     api = Tight()
     api.private_cost = 0
-    generation = {"rows": 2, "scale": 0}
-    pool = SharedPool(min_free=1 << 20, rows=lambda: generation["rows"], position=lambda: generation["scale"])
+    generation = {"rows": 2}
+    pool = SharedPool(min_free=1 << 20, rows=lambda: generation["rows"])
     failing = {"rows": None}
 
     def fn(x, w, n):
@@ -582,7 +582,7 @@ def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_f
     assert api.captures == 2 and all(len(b.graphs) == 1 for b in blocks)
     api.reserved = 24 << 20  # what the two graphs' pools hold
     failing["rows"] = 16
-    generation.update(rows=16, scale=1)  # a generation of batch 8 (x CFG)
+    generation["rows"] = 16  # a generation of batch 8 (x CFG)
     big = torch.randn(16, 4)
     with caplog.at_level("WARNING", logger="toprovar"):
         out, _ = blocks[0](big, w, 1)
@@ -595,11 +595,11 @@ def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_f
     out, _ = blocks[1](big, w, 2)
     torch.testing.assert_close(out, big @ w + 2)
     assert api.captures == 2 and pool.refused == 1
-    generation.update(rows=2, scale=2)  # batch 1 again: its graphs fit beside it, as before
+    generation["rows"] = 2  # batch 1 again: its graphs fit beside it, as before
     out, _ = blocks[1](x, w, 3)
     torch.testing.assert_close(out, x @ w + 3)
     assert api.captures == 3 and pool.refused == 1
-    generation.update(rows=16, scale=3)
+    generation["rows"] = 16
     failing["rows"] = 16
     blocks[1](big, w, 4)  # the batch-1 graph is given back
     assert pool.reliefs == 2 and not blocks[1].graphs
