@@ -286,6 +286,109 @@ def _mem_get_info_latency(lines: list[str], out: str) -> None:
     _write(lines, out)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _profiled(fn, call) -> tuple[str, str]:
+    """One generation under cProfile (host: top functions by own time) and one under the torch
+    profiler (device: kernels launched, their summed time; host: top ops by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    _sync()
+    prof.enable()
+    call(fn)
+    _sync()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    host = "\n".join(line for line in buf.getvalue().splitlines() if line.strip())
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as tp:
+        call(fn)
+        _sync()
+    events = tp.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = sum(e.count for e in kernels)
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    cpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    ops = ", ".join(f"`{e.key[:50]}` {e.self_cpu_time_total / 1e3:.1f} ms x{e.count}" for e in cpu)
+    return host, f"{launches} kernels, {gpu_ms:.1f} GPU ms summed; host ops by own time: {ops}"
+
+
+def refused(lines: list[str], out: str, name: str, budget_s: float) -> None:
+    """Every CUDA-graph capture refused by the free-memory floor, against ``cuda_graphs: False``
+    (the same compiled code run without graphs): the twenty-first session measured 2.9 s on
+    Infinity-8B after a relief against 0.9 s without graphs. Three states: no graphs; the floor
+    above the device from the start; a relief injected into a captured generation, then the
+    floor of its rows raised above the device (the state of that measurement)."""
+    from toprovar_fx.runtime.session import last_session
+
+    t_start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of this check
+    m = zoo.build(name, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the fp32 copy the zoo initialised
+    call = _call(name, m, device)
+    frozen = frozen_policy(name)
+    huge = 2**40  # bytes: more than any device has
+    lines += [f"## Every capture refused, {name} (random weights, bf16, CFG, batch 1)", "",
+              f"Model built in {time.perf_counter() - t_start:.0f} s. Wall ms of single generations, synchronised.", "",
+              "| state | first call s | wall ms (3 calls) | CUDA-graph replays | calls refused | logits vs no graphs |",
+              "|---|---|---|---|---|---|"]
+    details: list[str] = []
+    ref = None
+    states = [("cuda_graphs: False", {"policy": frozen, "cuda_graphs": False}, False),
+              ("floor above the device from the start", {"policy": frozen, "cuda_graph_min_free_mib": huge / 2**20}, False),
+              ("captured, relief injected, then the floor of its rows above the device", {"policy": frozen}, True)]
+    for label, opts, relieve in states:
+        if time.perf_counter() - t_start > budget_s:
+            lines.append(f"| {label} | skipped: time budget | | | | |")
+            continue
+        torch._dynamo.reset()
+        fn = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options=opts)
+        t0 = time.perf_counter()
+        call(fn)
+        _sync()
+        first = time.perf_counter() - t0
+        for _ in range(3 if relieve else 1):
+            call(fn)
+        pool = last_session().graph_pool()
+        if relieve:
+            try:
+                fail_one_replay(list(pool.caches), "CUDA out of memory (injected by gpu_check --refused)")
+            except ValueError as err:  # no graph captured (a CPU smoke run)
+                lines.append(f"| {label} | {first:.1f} | not run: {err} | | | |")
+                continue
+            call(fn)
+            pool.floors[pool.rows()] = huge
+        times, got = [], None
+        for _ in range(3):
+            before = pool.refused if pool is not None else 0
+            _sync()
+            t0 = time.perf_counter()
+            _, got = call(fn)
+            _sync()
+            times.append(1e3 * (time.perf_counter() - t0))
+            n_refused = (pool.refused - before) if pool is not None else 0
+        rep = toprovar_fx.last_generation()
+        ref = got if ref is None else ref
+        lines.append(f"| {label} | {first:.1f} | {', '.join(f'{t:.0f}' for t in times)} | {rep.graph_replays} | "
+                     f"{n_refused} | {_rel(got, ref):.2e} |")
+        _write(lines, out)
+        host, device = _profiled(fn, call)
+        details += [f"### {label}", "", device, "", "```", host, "```", ""]
+        _write(lines + [""] + details, out)
+    lines += [""] + details
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -295,13 +398,19 @@ def main() -> None:
                     help="only the check with prompts of several lengths (hoisted context with a symbolic text length)")
     ap.add_argument("--relief", action="store_true",
                     help="only the check of an out-of-memory error inside a replay (graphs dropped, call rerun)")
+    ap.add_argument("--refused", metavar="MODEL",
+                    help="only the check of every capture refused by the free-memory floor, on this zoo model")
     ap.add_argument("--only", choices=("observe", "prune"),
                     help="with --prompt-lengths: one mode only (two processes can then share the GPU and halve the wall time)")
     args = ap.parse_args()
     import triton
 
     lines = [f"# GPU check ({datetime.date.today()})", "",
-             f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""]
+             f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}", ""]
+    if args.refused:
+        refused(lines, args.out, args.refused, args.budget_s)
+        print("\n".join(lines))
+        return
     if args.relief:
         relief(lines, args.out)
         print("\n".join(lines))
