@@ -541,6 +541,47 @@ def test_no_graph_is_captured_while_the_device_is_short_of_free_memory(caplog):
     assert SharedPool(min_free=0).room(api) and SharedPool().room(_FakeGraphAPI())  # no mem_get_info: room
 
 
+def test_a_refusal_asks_the_device_once_per_position_and_reads_the_allocator_once_per_query():
+    """Refused at a position (generation, scale), later captures there are refused without asking
+    the device again; the next position asks again, and captures once memory is free. Each query
+    reads the allocator's statistics once (``memory_stats_as_nested_dict``, as torch.cuda has it),
+    not once per figure."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    class Counted(_FakeGraphAPI):
+        free, queries, stats = 1 << 20, 0, 0
+
+        def mem_get_info(self):
+            self.queries += 1
+            return self.free, 64 << 30
+
+        def memory_stats_as_nested_dict(self):
+            self.stats += 1
+            return {"reserved_bytes": {"all": {"current": 3 << 20}}, "allocated_bytes": {"all": {"current": 2 << 20}}}
+
+        def memory_reserved(self):
+            raise AssertionError("read through memory_stats_as_nested_dict")
+
+        memory_allocated = memory_reserved
+
+    api = Counted()
+    where = [(1, 0)]
+    pool = SharedPool(min_free=4 << 20, position=lambda: where[0])
+    blocks = [CudaGraphCache(_recorded, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                             pool=pool) for _ in range(3)]
+    w, x = torch.randn(4, 4), torch.randn(8, 4)
+    for block in blocks:
+        out, _ = block(x, w, 0)
+        torch.testing.assert_close(out, x @ w)
+    assert pool.refused == 3 and api.queries == 1 and api.stats == 1 and api.captures == 0
+    api.free = 8 << 20
+    blocks[0](x, w, 0)  # memory freed, but still the refused position
+    assert pool.refused == 4 and api.queries == 1 and api.captures == 0
+    where[0] = (1, 1)
+    blocks[0](x, w, 0)
+    assert api.queries == 2 and api.stats == 2 and api.captures == 1 and pool.refused == 4
+
+
 def test_out_of_memory_in_a_call_drops_the_graphs_runs_the_call_and_raises_the_floor(caplog):
     """The GPU out of memory inside a call of ours (here: a new shape's warm-up before its capture):
     every graph of the session is dropped, the call runs without a graph and gives its result, the

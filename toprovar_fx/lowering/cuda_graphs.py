@@ -383,9 +383,25 @@ def _available(api: Any) -> tuple[int, int] | None:
         return None
     try:
         free, total = info()
-        return free + api.memory_reserved() - api.memory_allocated(), total
+        return free + _cached_unused(api), total
     except (RuntimeError, AttributeError):
         return None
+
+
+def _cached_unused(api: Any) -> int:
+    """Bytes the caching allocator reserves but does not use, from one allocator query where the
+    API has ``memory_stats_as_nested_dict`` (torch.cuda), else from ``memory_reserved`` and
+    ``memory_allocated``.
+
+    Why: ``torch.cuda.memory_reserved`` and ``memory_allocated`` each flatten and sort every
+    allocator statistic in Python (``torch.cuda.memory_stats``), about 0.25 ms a call on the
+    H200; asked before every refused capture, the pair cost 0.6 s per Infinity-8B generation
+    (``benchmarks/results/gpu-check-2026-12-01-refused.md``)."""
+    nested = getattr(api, "memory_stats_as_nested_dict", None)
+    if nested is None:
+        return api.memory_reserved() - api.memory_allocated()
+    stats = nested()
+    return stats["reserved_bytes"]["all"]["current"] - stats["allocated_bytes"]["all"]["current"]
 
 
 def default_min_free(total: int) -> int:
@@ -428,6 +444,10 @@ class SharedPool:
         # the first capture, ``room``); calls refused for it so far
         self.min_free = min_free
         self.refused = 0
+        # the position (``position``) of the last refusal: later captures there are refused without
+        # asking the device again, until graphs are dropped (each query costs host time, and a
+        # generation refused once is refused for all its blocks: 615 queries on Infinity-8B)
+        self.refused_at: Any = None
         # the rows (batch x CFG) of the running generation, and the higher floors that generations
         # of that many rows keep free since the GPU ran out of memory during one of them (``relieve``)
         self.rows = rows or (lambda: 0)
@@ -486,7 +506,12 @@ class SharedPool:
         (``benchmarks/results/e2e-2026-11-30-prompts.md``), and Infinity-8B with three lengths and
         three variants ran out of memory inside a capture (``e2e-8b-2026-11-30-prompts-oom.md``).
         Refused, a call runs without a graph (slower, never wrong) and is captured once memory is
-        free again; one warning per session."""
+        free again; one warning per session. Once refused at a position (the session's generation
+        and scale), the device is not asked again there (``refused_at``)."""
+        where = self.position()
+        if where is not None and where == self.refused_at:
+            self.refused += 1  # refused at this position already: memory is not freed mid-scale
+            return False
         available = _available(api)
         if available is None:
             return True
@@ -496,6 +521,7 @@ class SharedPool:
         floor = self.floor()
         if free > floor:
             return True
+        self.refused_at = where
         if not self.refused:
             log.warning("toprovar: %.0f MiB free on the GPU, not more than %.0f MiB (option cuda_graph_min_free_mib, "
                         "or raised after running out of memory): new shapes run without CUDA graphs until memory "
@@ -591,6 +617,7 @@ class SharedPool:
         their outputs stays valid. Safe between any two calls: no graph is mid-replay, and a later
         capture borrows no output of a dropped graph (``lent`` is cleared)."""
         self.lent.clear()
+        self.refused_at = None  # memory is free again: ask the device
         # A new memory pool for the new captures: once every graph of a pool is destroyed, PyTorch's
         # allocator marks the pool freeable and a capture into it fails an internal assert
         # ("use_count > 0", seen on the H200 with torch 2.11); the old pool is freed with its graphs.
