@@ -323,7 +323,10 @@ def _profiled(fn, call) -> tuple[str, str]:
     return host, f"{launches} kernels, {gpu_ms:.1f} GPU ms summed; host ops by own time: {ops}"
 
 
-def refused(lines: list[str], out: str, name: str, budget_s: float) -> None:
+REFUSED_STATES = ("plain", "floor", "relief")
+
+
+def refused(lines: list[str], out: str, name: str, budget_s: float, states: tuple[str, ...] = REFUSED_STATES) -> None:
     """Every CUDA-graph capture refused by the free-memory floor, against ``cuda_graphs: False``
     (the same compiled code run without graphs): the twenty-first session measured 2.9 s on
     Infinity-8B after a relief against 0.9 s without graphs. Three states: no graphs; the floor
@@ -341,14 +344,15 @@ def refused(lines: list[str], out: str, name: str, budget_s: float) -> None:
     huge = 2**40  # bytes: more than any device has
     lines += [f"## Every capture refused, {name} (random weights, bf16, CFG, batch 1)", "",
               f"Model built in {time.perf_counter() - t_start:.0f} s. Wall ms of single generations, synchronised.", "",
-              "| state | first call s | wall ms (3 calls) | CUDA-graph replays | calls refused | logits vs no graphs |",
+              "| state | first call s | wall ms (3 calls) | CUDA-graph replays | calls refused | logits vs the first state |",
               "|---|---|---|---|---|---|"]
     details: list[str] = []
     ref = None
-    states = [("cuda_graphs: False", {"policy": frozen, "cuda_graphs": False}, False),
-              ("floor above the device from the start", {"policy": frozen, "cuda_graph_min_free_mib": huge / 2**20}, False),
-              ("captured, relief injected, then the floor of its rows above the device", {"policy": frozen}, True)]
-    for label, opts, relieve in states:
+    every = {"plain": ("cuda_graphs: False", {"policy": frozen, "cuda_graphs": False}, False),
+             "floor": ("floor above the device from the start",
+                       {"policy": frozen, "cuda_graph_min_free_mib": huge / 2**20}, False),
+             "relief": ("captured, relief injected, then the floor of its rows above the device", {"policy": frozen}, True)}
+    for label, opts, relieve in (every[s] for s in states):
         if time.perf_counter() - t_start > budget_s:
             lines.append(f"| {label} | skipped: time budget | | | | |")
             continue
@@ -400,6 +404,8 @@ def main() -> None:
                     help="only the check of an out-of-memory error inside a replay (graphs dropped, call rerun)")
     ap.add_argument("--refused", metavar="MODEL",
                     help="only the check of every capture refused by the free-memory floor, on this zoo model")
+    ap.add_argument("--states", default=",".join(REFUSED_STATES),
+                    help=f"with --refused: which states, in order (of {', '.join(REFUSED_STATES)})")
     ap.add_argument("--only", choices=("observe", "prune"),
                     help="with --prompt-lengths: one mode only (two processes can then share the GPU and halve the wall time)")
     args = ap.parse_args()
@@ -408,7 +414,7 @@ def main() -> None:
     lines = [f"# GPU check ({datetime.date.today()})", "",
              f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}", ""]
     if args.refused:
-        refused(lines, args.out, args.refused, args.budget_s)
+        refused(lines, args.out, args.refused, args.budget_s, tuple(args.states.split(",")))
         print("\n".join(lines))
         return
     if args.relief:

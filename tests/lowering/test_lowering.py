@@ -1318,6 +1318,69 @@ def test_out_of_memory_in_a_replay_mid_generation_gives_the_same_logits_and_grap
     assert rep.graph_replays > 0 and rep.graph_calls_without_replay == 0 and pool.busy_by == {}
 
 
+def test_after_a_relief_calls_refused_a_capture_hand_on_replay_layouts_and_nothing_recompiles(monkeypatch):
+    """After a relief, with every new capture refused for memory, the blocks run without graphs:
+    their outputs (the K/V cache, a strided view at the first scale) are handed on laid out as a
+    replay hands them, so the next generation compiles no frame again (Dynamo guards those strides;
+    before, every block frame compiled once more) and gives the plain path's logits."""
+    name = "infinity-tiny"
+    m = model(name)
+    call = sampler_call(name, 1)
+    torch._dynamo.reset()
+    plain = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": name, "inductor": False})
+    call(plain)
+    _, ref = call(plain)
+
+    api, made = _stand_in_graphs(monkeypatch)
+    torch._dynamo.reset()
+    fast = torch.compile(m.autoregressive_infer_cfg, backend="toprovar", options={"policy": name, "inductor": False})
+    for _ in range(3):
+        call(fast)
+    pool = last_session().graph_pool()
+    cuda_graphs.fail_one_replay(made, "CUDA out of memory. Tried to allocate 1008.00 MiB")
+    call(fast)
+    assert pool.reliefs == 1
+    api.mem_get_info = lambda: (1 << 20, 64 << 30)  # short of memory from now on: every new shape refused
+    api.memory_allocated = api.memory_reserved
+    refused = pool.refused
+    for _ in range(2):
+        _, got = call(fast)
+        rep = toprovar_fx.last_generation()
+        assert rep.compiles == 0 and max_rel_diff(got, ref) <= 1e-5
+    assert pool.refused > refused
+
+
+def test_a_call_run_without_its_graph_hands_outputs_laid_out_as_a_replay_does():
+    """Refused a capture, a call's output that is a strided view comes back as its clone, as a
+    replay gives it; dense outputs come back as they are."""
+    from toprovar_fx.lowering.cuda_graphs import SharedPool
+
+    class Short(_FakeGraphAPI):
+        free = 1 << 20
+
+        def mem_get_info(self):
+            return self.free, 64 << 30
+
+        def memory_allocated(self):
+            return self.memory_reserved()
+
+    def fused(x, w, n):
+        qkv = x @ w
+        return qkv[:, :2], qkv + n  # K of a fused projection: a view that is not dense
+
+    api = Short()
+    cache = CudaGraphCache(fused, static=[False, True, False], max_bytes=1 << 20, api=api, device_type="cpu",
+                           pool=SharedPool(min_free=4 << 20))
+    w, x = torch.randn(4, 4), torch.randn(8, 4)
+    refused_k, refused_full = cache(x, w, 0)
+    api.free = 8 << 20
+    cache(x, w, 0)  # captured
+    replayed_k, replayed_full = cache(x, w, 0)
+    assert api.captures == 1 and cache.replays >= 1
+    assert refused_k.stride() == replayed_k.stride() == (2, 1) and refused_full.stride() == replayed_full.stride()
+    torch.testing.assert_close(refused_k, (x @ w)[:, :2])
+
+
 def _busy(caches: list[CudaGraphCache]) -> int:
     return sum(e.busy for c in caches for e in c.graphs.values() if e is not None)
 

@@ -274,6 +274,40 @@ _data_ptr = torch.Tensor.data_ptr
 _detach = torch.Tensor.detach
 
 
+_CLONE_CHANGES: dict[tuple[Any, ...], bool] = {}  # (shape, strides) -> _clone_changes_layout
+
+
+def _clone_changes_layout(t: torch.Tensor) -> bool:
+    """Whether ``t.clone()`` has other strides than ``t`` (a view that is not dense, such as K of
+    a fused QKV projection): a replay hands such an output as a clone (a clone, a home laid out as
+    one, or an output lent in place only when its strides are a clone's). Memoised per layout: a
+    meta tensor per output would cost more host time than the call it follows at early scales."""
+    key = (t.shape, t.stride())
+    changes = _CLONE_CHANGES.get(key)
+    if changes is None:
+        if len(_CLONE_CHANGES) >= 4096:
+            _CLONE_CHANGES.clear()
+        changes = _CLONE_CHANGES[key] = torch.empty_like(t, device="meta").stride() != t.stride()
+    return changes
+
+
+def _as_replayed(out: Any) -> Any:
+    """The outputs of a call that has, or will have, a graph but ran without it (its capture
+    refused for memory, the graph busy, or rerun after ``SharedPool.relieve``), laid out as a
+    replay hands them: outputs whose clone has other strides are cloned.
+
+    Why: Dynamo guards the strides of the tensors the sampler passes on (a block's K/V cache is
+    the next scale's input), and its frames were compiled on replayed outputs. Handed on as the
+    direct call left them, they made every block frame compile again after a relief (CPU stand-in:
+    3.1 s on infinity-tiny; H200, Infinity-8B: 4.2 s against 0.56 s, ``gpu_check.py --refused``),
+    each new entry counting against Dynamo's recompile limit."""
+    if isinstance(out, torch.Tensor):
+        return out.clone() if _clone_changes_layout(out) else out
+    if isinstance(out, (tuple, list)) and type(out) in (tuple, list):
+        return type(out)(o.clone() if isinstance(o, torch.Tensor) and _clone_changes_layout(o) else o for o in out)
+    return out
+
+
 def _getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     """``args -> tuple(args[i] for i in positions)``, in C (``operator.itemgetter``) where it can."""
     if len(positions) >= 2:
@@ -743,6 +777,8 @@ class CudaGraphCache:
                     return self.fn(*args)
                 if entry is _UNSEEN:
                     entry = self._first_sight(key, args)
+                    if entry is None and key not in self.graphs:  # refused for memory: captured later
+                        return _as_replayed(self.fn(*args))
                 if entry is not None:
                     out = entry.run(args)
                     if out is BUSY and entry.borrowed:
@@ -756,12 +792,13 @@ class CudaGraphCache:
                         self.pool.busy_by[self.name] = self.pool.busy_by.get(self.name, 0) + 1
                     if entry.busy >= BUSY_LIMIT and self.pool.room(self.api):
                         self._capture_without_lending(key, entry, args)
+                    return _as_replayed(self.fn(*args))
             return self.fn(*args)
         except torch.OutOfMemoryError as err:
             # a capture, a replay's copies or the call itself: the graphs' memory is ours to give back
             if self.pool is None or not self.pool.relieve(self.api, err):
                 raise
-            return self.fn(*args)
+            return _as_replayed(self.fn(*args))
 
     def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
         try:  # module state is tensors: the addresses in C loops (a third of the key's host time)
